@@ -1,0 +1,32 @@
+import subprocess
+import sys
+
+import pytest
+
+from vargpt.cli import build_parser, main
+
+
+def test_subcommand_table():
+    p = build_parser()
+    sub = next(a for a in p._actions if a.dest == "command")
+    assert {"data", "config", "pipeline"} <= set(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["data", "--help"], ["pipeline", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    assert main(["data", "validate", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no train.jsonl" in err and "Traceback" not in err
+    assert main(["config", "--preset", "nope"]) == 2
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "vargpt.cli", "config", "--preset", "tiny"],
+                         capture_output=True, text=True, check=True).stdout
+    assert '"name": "tiny"' in out

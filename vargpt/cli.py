@@ -1,0 +1,119 @@
+"""The ``vargpt`` command line: a thin table over typed library functions (no logic here).
+
+Every subcommand imports its implementation lazily, so ``vargpt --help`` is fast and a command only
+pays for the libraries it uses. Library errors with a clear message (``ConfigError``,
+``DatasetError``, ``CheckpointError`` ...) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], Any]
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers (each: import the library function, call it, print its result)
+# --------------------------------------------------------------------------------------------------
+
+
+def _data_shapesworld(a: argparse.Namespace) -> None:
+    from vargpt.data.shapesworld import write_dataset
+
+    _print_json(write_dataset(a.out, n_train=a.n_train, n_test=a.n_test, seed=a.seed,
+                              image_size=a.image_size, progress=not a.quiet))
+
+
+def _data_validate(a: argparse.Namespace) -> None:
+    from vargpt.data.records import load_records
+
+    counts = {split: len(load_records(a.data, split)) for split in a.splits}
+    _print_json({"ok": True, "records": counts})
+
+
+def _config_show(a: argparse.Namespace) -> None:
+    from vargpt.config import VARGPTConfig
+
+    print(VARGPTConfig.from_name(a.preset).to_json(), end="")
+
+
+def _recipe(a: argparse.Namespace) -> None:
+    from vargpt.recipe import run_recipe
+
+    _print_json(run_recipe(out_dir=a.out, preset=a.preset, data_dir=a.data, seed=a.seed,
+                           progress=not a.quiet))
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``vargpt`` console script."""
+    p = argparse.ArgumentParser(prog="vargpt", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # vargpt data ...
+    data = sub.add_parser("data", help="build or validate datasets").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND")
+    s = data.add_parser("shapesworld", help="write the procedural ShapesWorld dataset")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--n-train", type=int, default=4000, help="training images")
+    s.add_argument("--n-test", type=int, default=400, help="held-out images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=32)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_data_shapesworld)
+    s = data.add_parser("validate", help="check a dataset folder in the README format")
+    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--splits", nargs="+", default=["train", "test"])
+    s.set_defaults(func=_data_validate)
+
+    # vargpt config
+    s = sub.add_parser("config", help="print a preset's full configuration as JSON")
+    s.add_argument("--preset", default="tiny")
+    s.set_defaults(func=_config_show)
+
+    # vargpt pipeline
+    s = sub.add_parser("pipeline", help="run the whole recipe: data, tokenizer, base models, stages, eval")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--out", type=Path, required=True, help="run folder (finished steps are skipped on rerun)")
+    s.add_argument("--data", type=Path, default=None, help="dataset folder (default: generate ShapesWorld)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_recipe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vargpt`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from vargpt.errors import USER_ERRORS
+
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
