@@ -1,22 +1,6 @@
-import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from vargpt import special_tokens as st
 from vargpt.data.conversation import render_prompt, user_turn_with_images
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", st.PAD, st.BOS, st.EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["please draw a red circle", "what colour is the square"] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token=st.PAD,
-                                   bos_token=st.BOS, eos_token=st.EOS,
-                                   additional_special_tokens=list(st.ADDED_TOKENS))
-    return fast
 
 
 def test_escape_breaks_every_reserved_string_and_is_idempotent():
