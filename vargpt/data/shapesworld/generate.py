@@ -1,0 +1,152 @@
+"""Write a ShapesWorld dataset folder in the project's conversation format.
+
+Layout of ``out_dir``::
+
+    world.json            vocabularies, image size, seed, held-out combinations, classes, counts
+    train.jsonl           one record per line (below)
+    test.jsonl
+    images/train/000000.png ...
+    images/test/000000.png ...
+
+A record is ``{"messages": [{"role", "content"}, ...], "images": [relative paths], "class": str
+(one-object images only), "meta": {"task", "qtype" (qa only), "objects", "background",
+"combo_seen"}}``. ``<image>`` in a user turn is an input image, ``<image_gen>`` in an assistant turn an
+image to generate; ``images`` lists them in order of appearance. Every image backs several records:
+a caption, one question per QA type and, for one-object images, a caption-based generation
+instruction and a stage-1 class prompt.
+
+Each image draws from its own ``random.Random`` seeded by ``(seed, split, index)``, so the output is
+byte-identical for a seed and the first ``n`` images do not depend on how many are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vargpt.data.shapesworld import text
+from vargpt.data.shapesworld.world import Combo, Scene, World, render, sample_scene
+from vargpt.special_tokens import IMAGE
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "test")
+ONE_OBJECT_RATE = 0.6
+"""Share of one-object images (the only ones with generation and class records)."""
+TEST_HELD_OUT_RATE = 0.3
+"""Chance that a test object takes a held-out combination (oversampled so they are well measured)."""
+
+
+def image_rng(seed: int, split: str, index: int) -> random.Random:
+    """The generator of image ``index`` of ``split``; string seeds hash with SHA-512 (stable)."""
+    return random.Random(f"shapesworld:{seed}:{split}:{index}")
+
+
+def combo_sampler(world: World, split: str) -> Callable[[random.Random], Combo]:
+    """``choose(rng) -> (colour, shape)`` for ``split``: train never yields a held-out combination."""
+    seen, held_out = world.seen_combos, list(world.held_out)
+    if split == "train":
+        return lambda rng: rng.choice(seen)
+    if split == "test":
+        return lambda rng: rng.choice(held_out) if rng.random() < TEST_HELD_OUT_RATE else rng.choice(seen)
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def sample_split_scene(world: World, split: str, seed: int, index: int) -> tuple[Scene, random.Random]:
+    """Scene of image ``index`` of ``split``, and its generator (to draw that image's text from)."""
+    rng = image_rng(seed, split, index)
+    n_objects = 1 if rng.random() < ONE_OBJECT_RATE else 2
+    return sample_scene(world, rng, n_objects=n_objects, choose_combo=combo_sampler(world, split)), rng
+
+
+def _record(user: str, assistant: str, image: str, meta: dict[str, Any], cls: str | None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+        "images": [image],
+    }
+    if cls is not None:
+        record["class"] = cls
+    record["meta"] = meta
+    return record
+
+
+def scene_records(scene: Scene, image: str, world: World, rng: random.Random) -> list[dict[str, Any]]:
+    """All records backed by one image: caption, QA of every type, and (one object) gen + class_gen."""
+    base = {
+        "objects": [obj.attributes() for obj in scene.objects],
+        "background": scene.background,
+        "combo_seen": all(world.is_seen(obj.colour, obj.shape) for obj in scene.objects),
+    }
+    single = len(scene.objects) == 1
+    cls = scene.class_name if single else None
+    description = text.caption(scene)
+    records = [_record(f"{IMAGE}\n{text.caption_prompt(rng)}", description, image,
+                       {"task": "caption", **base}, cls)]
+    for qa in text.qa_pairs(scene, rng):
+        records.append(_record(f"{IMAGE}\n{qa.question}", qa.answer, image,
+                               {"task": "qa", "qtype": qa.qtype, **base}, cls))
+    if single:
+        obj = scene.objects[0]
+        records.append(_record(*text.generation_turns(description, rng), image, {"task": "gen", **base}, cls))
+        records.append(_record(*text.class_turns(obj.colour, obj.shape, rng), image,
+                               {"task": "class_gen", **base}, cls))
+    return records
+
+
+def _write_split(out: Path, split: str, n_images: int, world: World, seed: int, progress: bool) -> int:
+    """Write ``images/{split}/*.png`` and ``{split}.jsonl``; returns the number of records."""
+    image_dir = out / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    digits = max(6, len(str(max(n_images - 1, 0))))
+    n_records = 0
+    with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as lines:
+        for index in tqdm(range(n_images), desc=f"shapesworld {split}", unit="img", disable=not progress):
+            scene, rng = sample_split_scene(world, split, seed, index)
+            relative = f"images/{split}/{index:0{digits}d}.png"
+            render(scene, world).save(out / relative, format="PNG")
+            for record in scene_records(scene, relative, world, rng):
+                lines.write(json.dumps(record, ensure_ascii=False) + "\n")
+                n_records += 1
+    return n_records
+
+
+def write_dataset(
+    out_dir: str | Path, *, n_train: int, n_test: int, seed: int = 0, image_size: int = 32,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Generate ShapesWorld into ``out_dir`` (created if needed; existing files are overwritten).
+
+    Args:
+        out_dir: dataset folder.
+        n_train / n_test: number of *images* per split (each backs 6 to 8 records).
+        seed: everything (scenes, text, held-out test sampling) is a function of it.
+        image_size: side of the square images in pixels (32 for the tiny preset; 64 also works).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``{"train_images", "train_records", "test_images", "test_records"}``.
+    """
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"n_train={n_train}, n_test={n_test}: must be >= 0")
+    world = World(image_size=image_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    for split, n_images in zip(SPLITS, (n_train, n_test), strict=True):
+        counts[f"{split}_images"] = n_images
+        counts[f"{split}_records"] = _write_split(out, split, n_images, world, seed, progress)
+    description = {"name": "shapesworld", "seed": seed, **world.to_dict(), "counts": counts}
+    (out / "world.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    logger.info("wrote ShapesWorld to %s: %s", out, counts)
+    return counts
+
+
+def load_world(dataset_dir: str | Path) -> World:
+    """The :class:`World` described by ``dataset_dir/world.json``."""
+    return World.from_dict(json.loads((Path(dataset_dir) / "world.json").read_text(encoding="utf-8")))
