@@ -37,3 +37,44 @@ def hf_tokenizer():
     tok.decoder = __import__("tokenizers").decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token=st.PAD, bos_token=st.BOS,
                                    eos_token=st.EOS, additional_special_tokens=list(st.ADDED_TOKENS))
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(hf_tokenizer, tmp_path_factory):
+    """A tiny VARGPT checkpoint whose LLM was overfitted (about 2 s) to one conversation with an image.
+
+    User "please draw a red circle" -> assistant "here<image_gen> and more</s>". Each step uses fresh
+    random image codes, so the text after the image does not depend on the image; the decoder and
+    projectors keep their random weights (images are noise, but the path is the model's own choice).
+    """
+    import dataclasses
+
+    from vargpt.config import VARGPTConfig
+    from vargpt.data.collate import encode_record, pad_samples
+    from vargpt.data.records import Message, Record
+    from vargpt.model import VARGPT, VARGPTBatch
+    from vargpt.pretrained import save_pretrained
+    from vargpt.special_tokens import IMAGE_GEN, SpecialTokenIds
+
+    cfg = VARGPTConfig.from_name("tiny")
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=2))
+    torch.manual_seed(0)
+    model = VARGPT.from_config(cfg, SpecialTokenIds.from_tokenizer(hf_tokenizer))
+    record = Record((Message("user", "please draw a red circle"),
+                     Message("assistant", f"here{IMAGE_GEN} and more")), ("unused.png",))
+    sample = encode_record(record, hf_tokenizer, model.token_ids, image_tokens=cfg.vision_tower.tokens_per_image,
+                           gen_tokens=cfg.vqvae.tokens_total)
+    tb = pad_samples([sample], model.token_ids.pad)
+    opt = torch.optim.Adam(model.language_model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(80):
+        codes = [torch.randint(cfg.vqvae.vocab_size, (1, pn * pn), generator=g) for pn in cfg.vqvae.patch_nums]
+        loss = model(VARGPTBatch(tb.input_ids, tb.labels, tb.attention_mask, gen_codes=codes), image_weight=0.0).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+    out = tmp_path_factory.mktemp("chat_model")
+    save_pretrained(model.eval(), hf_tokenizer, out)
+    return out

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_recipe)
+
+    # vargpt eval / feature-net
+    from vargpt.evaluation.run import add_eval_parser, add_feature_net_parser
+
+    add_eval_parser(sub)
+    add_feature_net_parser(sub)
     return p
 
 

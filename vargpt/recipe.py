@@ -63,9 +63,117 @@ def _step_samples(ctx: RunContext) -> dict[str, Any]:
     return {"samples": str(ctx.out / "samples.png"), "n": len(paths)}
 
 
+def _step_tokenizer(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.tokenizer_trainer import train_tokenizer
+
+    return train_tokenizer(data_dir=ctx.data_dir, out_dir=ctx.out / "tokenizer", preset=ctx.preset, resume=True,
+                           seed=ctx.seed, progress=ctx.progress)
+
+
+def _step_text_tokenizer(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.base_text import train_text_tokenizer
+
+    return train_text_tokenizer(ctx.data_dir, ctx.out / "text_tokenizer", preset=ctx.preset)
+
+
+def _step_llm(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.base_text import train_llm
+
+    return train_llm(ctx.data_dir, ctx.out / "text_tokenizer", ctx.out / "llm", preset=ctx.preset,
+                     progress=ctx.progress)
+
+
+def _step_vision(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.base_vision import train_vision_tower
+
+    return train_vision_tower(ctx.data_dir, ctx.out / "text_tokenizer", ctx.out / "vision", preset=ctx.preset,
+                              progress=ctx.progress)
+
+
+def _step_align(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.base_llava import train_alignment
+
+    return train_alignment(ctx.data_dir, ctx.out / "llm", ctx.out / "vision", ctx.out / "llava_align",
+                           preset=ctx.preset, progress=ctx.progress)
+
+
+def _step_instruct(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.base_llava import train_instruct
+
+    return train_instruct(ctx.data_dir, ctx.out / "llava_align", ctx.out / "llava", preset=ctx.preset,
+                          progress=ctx.progress)
+
+
+def _step_decoder(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.decoder_trainer import train_decoder
+
+    return train_decoder(data_dir=ctx.data_dir, tokenizer_dir=ctx.out / "tokenizer", out_dir=ctx.out / "decoder",
+                         preset=ctx.preset, resume=True, seed=ctx.seed, progress=ctx.progress)
+
+
+def _step_assemble(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.assemble import assemble_vargpt
+
+    return assemble_vargpt(llava_dir=ctx.out / "llava", vqvae_dir=ctx.out / "tokenizer",
+                           decoder_dir=ctx.out / "decoder", out_dir=ctx.out / "stage0" / "model",
+                           preset=ctx.preset, seed=ctx.seed)
+
+
+def _stage(n: int) -> Callable[[RunContext], dict[str, Any]]:
+    def run(ctx: RunContext) -> dict[str, Any]:
+        from vargpt.training.vargpt_trainer import train_stage
+
+        return train_stage(f"stage{n}", from_dir=ctx.out / f"stage{n - 1}", data_dir=ctx.data_dir,
+                           out_dir=ctx.out / f"stage{n}", preset=ctx.preset, resume=True, seed=ctx.seed,
+                           progress=ctx.progress)
+
+    return run
+
+
+def _step_final(ctx: RunContext) -> dict[str, Any]:
+    import shutil
+
+    final = ctx.out / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.copytree(ctx.out / "stage3" / "model", final)
+    return {"model": str(final)}
+
+
+def _step_feature_net(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.evaluation.feature_net import train_feature_net
+
+    return train_feature_net(ctx.data_dir, ctx.out / "feature_net", seed=ctx.seed, progress=ctx.progress)
+
+
+def _step_eval(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.evaluation.run import evaluate_model
+
+    import shutil
+
+    curves = sorted(ctx.out.glob("*/train/loss.png")) + sorted(ctx.out.glob("*/loss.png"))
+    result = evaluate_model(ctx.out / "final", ctx.data_dir, out=ctx.out / "eval" / "metrics.json",
+                            feature_net=ctx.out / "feature_net", seed=ctx.seed, loss_curves=curves)
+    shutil.copyfile(ctx.out / "eval" / "metrics.html", ctx.out / "report.html")
+    return {k: v for k, v in result.items() if k != "samples"}
+
+
 STEPS: tuple[Step, ...] = (
     Step("data", _step_data, "dataset (ShapesWorld is generated when no --data is given)"),
     Step("samples", _step_samples, "contact sheet of held-out images"),
+    Step("tokenizer", _step_tokenizer, "multi-scale VQ-VAE"),
+    Step("text_tokenizer", _step_text_tokenizer, "BPE text tokenizer"),
+    Step("llm", _step_llm, "tiny LLM pretrained on the dataset's text"),
+    Step("vision", _step_vision, "tiny vision tower pretrained contrastively"),
+    Step("align", _step_align, "LLaVA alignment (projector)"),
+    Step("instruct", _step_instruct, "LLaVA instruction tuning (projector + LLM)"),
+    Step("decoder", _step_decoder, "class-conditional VAR visual decoder"),
+    Step("assemble", _step_assemble, "VARGPT from its base models"),
+    Step("stage1", _stage(1), "stage 1: generation projectors"),
+    Step("stage2", _stage(2), "stage 2: LLM + projector on mixed instructions"),
+    Step("stage3", _stage(3), "stage 3: visual decoder + generation projectors"),
+    Step("final", _step_final, "the final model directory"),
+    Step("feature_net", _step_feature_net, "feature network for FID"),
+    Step("eval", _step_eval, "held-out understanding, generation and FID; report.html"),
 )
 """The recipe, in order."""
 

@@ -1,0 +1,219 @@
+"""Class-conditional visual decoder benchmark: train (or load) the tiny decoder, sample, print one JSON.
+
+    python benchmarks/decoder.py --data DIR --tokenizer DIR --out DIR --threads 2
+    python benchmarks/decoder.py --data DIR --tokenizer DIR --decoder DIR/checkpoint   # skip training
+
+Reported:
+
+* ``oracle_accuracy``: ShapesWorld oracle colour+shape accuracy of ``--samples-per-class`` samples of
+  every training class at the preset's default sampling settings (``VARGPTConfig.sampling``);
+  ``oracle_min_class_accuracy`` is the worst class, ``classes_below_90`` lists classes under 0.9;
+  ``oracle_accuracy_tokenizer_reconstructions`` (the same oracle on the tokenizer's reconstructions of
+  held-out images of those classes) is the ceiling the tokenizer sets.
+* ``train_seconds`` (the optimisation loop) and ``tokenize_seconds`` (one pass of the frozen VQ-VAE).
+* ``speedup_kv_cache``: wall time of a cache-less loop (every scale re-runs the whole prefix with the
+  block-causal bias, same weights and sampler) over the KV-cached loop, batch ``--kv-batch``, codes
+  only (VQ decoding is identical work in both); ``kv_same_codes_fraction`` checks they sample alike.
+  ``kv_compute_bound`` is the token-count ratio sum(prefix_k) / L, the speed-up a compute-bound run
+  can reach (the cached loop still processes every token once).
+* ``speedup_batch16``: images/s of one batch-16 call over 16 sequential batch-1 calls (codes + VQ
+  decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vargpt.config import SamplingConfig, VARGPTConfig
+from vargpt.data.records import image_to_tensor, load_image, load_records
+from vargpt.data.shapesworld.generate import load_world
+from vargpt.data.shapesworld.oracle import judge
+from vargpt.generation.next_scale import class_condition, generate_class_images, next_scale_steps, to_pil
+from vargpt.generation.sampling import cfg_mix, cfg_scale, sample
+from vargpt.tokenizer.vqvae import MultiScaleVQVAE
+from vargpt.training.decoder_trainer import class_pairs, load_decoder, train_decoder
+
+
+@torch.no_grad()
+def no_cache_codes(decoder, vqvae, labels_B, sampling: SamplingConfig, generator) -> list[torch.Tensor]:  # noqa: ANN001
+    """Reference loop without a KV cache: each scale re-runs all tokens so far with the block-causal bias."""
+    q, B = vqvae.quantize, labels_B.shape[0]
+    cond = class_condition(decoder, labels_B)
+    S = len(decoder.patch_nums)
+    f_hat = cond.new_zeros(B, decoder.vq.z_channels, decoder.patch_nums[-1], decoder.patch_nums[-1])
+    tokens = [decoder.embed_start(cond)]
+    idx_list = []
+    for si, pn in enumerate(decoder.patch_nums):
+        x = torch.cat(tokens, dim=1)
+        logits = decoder.forward_blocks(x, cond, attn_bias=decoder.causal_bias(x.shape[1]))
+        begin, end = decoder.offsets[si]
+        logits = cfg_mix(logits[:B, begin:end], logits[B:, begin:end], cfg_scale(si, S, sampling.cfg,
+                                                                                   sampling.cfg_schedule))
+        idx = sample(logits, top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature,
+                     generator=generator)
+        idx_list.append(idx)
+        f_hat, nxt = q.next_scale_input(si, f_hat, q.embed(idx, pn))
+        if nxt is not None:
+            tokens.append(decoder.embed_scale(si + 1, nxt).repeat(2, 1, 1))
+    return idx_list
+
+
+def _timed(*fns, repeats: int) -> list[float]:  # noqa: ANN002
+    """Best-of-``repeats`` wall time of each function, runs interleaved (robust to a shared machine)."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def oracle_eval(decoder, vqvae, classes, world, sampling, per_class: int, seed: int, grid: Path | None) -> dict:  # noqa: ANN001
+    """Sample ``per_class`` images of every class and judge colour+shape with the ShapesWorld oracle."""
+    labels = torch.arange(len(classes)).repeat_interleave(per_class)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.cat([generate_class_images(decoder, vqvae, labels[i:i + 128], sampling=sampling,
+                                              generator=gen).images_B3HW for i in range(0, len(labels), 128)])
+    hits = {k: torch.zeros(len(classes)) for k in ("colour", "shape", "colour+shape")}
+    for label, img in zip(labels.tolist(), to_pil(images), strict=True):
+        colour, shape = classes[label].split(" ", 1)
+        verdict = judge(img, {"colour": colour, "shape": shape}, world)
+        for k in hits:
+            hits[k][label] += float(verdict[k])
+    per_cls = hits["colour+shape"] / per_class
+    if grid is not None:
+        from PIL import Image
+
+        pil = to_pil(images)
+        side = pil[0].size[0]
+        canvas = Image.new("RGB", (side * per_class, side * len(classes)))
+        for i, im in enumerate(pil):
+            canvas.paste(im, ((i % per_class) * side, (i // per_class) * side))
+        canvas.save(grid)
+    return {
+        "oracle_accuracy": round(float(per_cls.mean()), 4),
+        "oracle_colour_accuracy": round(float(hits["colour"].sum() / len(labels)), 4),
+        "oracle_shape_accuracy": round(float(hits["shape"].sum() / len(labels)), 4),
+        "oracle_min_class_accuracy": round(float(per_cls.min()), 4),
+        "classes_below_90": [classes[i] for i in (per_cls < 0.9).nonzero().flatten().tolist()],
+        "samples_per_class": per_class,
+        "num_classes": len(classes),
+    }
+
+
+@torch.no_grad()
+def tokenizer_ceiling(vqvae, data_dir: str, classes: list[str], world, limit: int = 512) -> float:  # noqa: ANN001
+    """Oracle colour+shape accuracy of the tokenizer's reconstructions of held-out class images.
+
+    The decoder can only draw what the tokenizer can represent, so this bounds ``oracle_accuracy``.
+    """
+    split = "test" if (Path(data_dir) / "test.jsonl").is_file() else "train"
+    pairs = [p for p in class_pairs(load_records(data_dir, split)) if p[1] in classes][:limit]
+    if not pairs:
+        return float("nan")
+    x = torch.stack([image_to_tensor(load_image(path, vqvae.cfg.image_size)) for path, _ in pairs])
+    recon = torch.cat([vqvae.reconstruct(x[i:i + 128]) for i in range(0, len(pairs), 128)])
+    hits = 0
+    for (_, cls), img in zip(pairs, to_pil((recon + 1) / 2), strict=True):
+        colour, shape = cls.split(" ", 1)
+        hits += judge(img, {"colour": colour, "shape": shape}, world)["colour+shape"]
+    return round(hits / len(pairs), 4)
+
+
+def speed(decoder, vqvae, sampling, kv_batch: int, repeats: int) -> dict:  # noqa: ANN001
+    """KV-cache and batching speed-ups of code generation (images decoded too in the batching test)."""
+    labels = torch.arange(kv_batch) % decoder.num_classes
+
+    def cached():
+        cond = class_condition(decoder, labels)
+        return [e.idx_Bl for e in next_scale_steps(decoder, vqvae.quantize, cond, sampling=sampling,
+                                                    generator=torch.Generator().manual_seed(0))]
+
+    def uncached():
+        return no_cache_codes(decoder, vqvae, labels, sampling, torch.Generator().manual_seed(0))
+
+    # Codes only: VQ decoding is the same work in both and would dilute the ratio.
+    t_cached, t_uncached = _timed(cached, uncached, repeats=repeats)
+    same = sum(int(torch.equal(x, y)) for x, y in zip(cached(), uncached(), strict=True)) / len(decoder.offsets)
+    lens = [end for _, end in decoder.offsets]
+
+    l16 = torch.arange(16) % decoder.num_classes
+    t_b16, t_seq = _timed(
+        lambda: generate_class_images(decoder, vqvae, l16, sampling=sampling,
+                                      generator=torch.Generator().manual_seed(0)),
+        lambda: [generate_class_images(decoder, vqvae, l16[i:i + 1], sampling=sampling,
+                                       generator=torch.Generator().manual_seed(i)) for i in range(16)],
+        repeats=repeats)
+    return {
+        "speedup_kv_cache": round(t_uncached / t_cached, 3),
+        "kv_batch": kv_batch,
+        "kv_cached_images_per_s": round(kv_batch / t_cached, 2),
+        "no_cache_images_per_s": round(kv_batch / t_uncached, 2),
+        "kv_compute_bound": round(sum(lens) / lens[-1], 3),
+        "kv_same_codes_fraction": same,
+        "speedup_batch16": round(t_seq / t_b16, 3),
+        "batch16_images_per_s": round(16 / t_b16, 2),
+        "sequential_images_per_s": round(16 / t_seq, 2),
+    }
+
+
+def main() -> None:
+    """Parse arguments, run, print one JSON object."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="ShapesWorld dataset folder")
+    p.add_argument("--tokenizer", required=True, help="trained tokenizer checkpoint")
+    p.add_argument("--decoder", default=None, help="trained decoder (skip training)")
+    p.add_argument("--out", default=None, help="training output folder (default: a temp dir)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--samples-per-class", type=int, default=8)
+    p.add_argument("--cfg", type=float, default=None, help="override the preset's CFG strength")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--kv-batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5, help="timing runs (best of)")
+    p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the oracle samples")
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    report: dict = {"threads": args.threads, "preset": args.preset}
+    decoder_dir = args.decoder
+    if decoder_dir is None:
+        out = args.out or tempfile.mkdtemp(prefix="decoder-bench-")
+        report |= train_decoder(data_dir=args.data, tokenizer_dir=args.tokenizer, out_dir=out, preset=args.preset,
+                                max_steps=args.steps, batch_size=args.batch_size, seed=args.seed, progress=False)
+        decoder_dir = out
+    decoder, classes = load_decoder(decoder_dir)
+    vqvae = MultiScaleVQVAE.from_pretrained(args.tokenizer)
+    base = VARGPTConfig.from_name(args.preset).sampling
+    overrides = {k: v for k, v in (("cfg", args.cfg), ("top_k", args.top_k), ("top_p", args.top_p)) if v is not None}
+    sampling = SamplingConfig(**{**{f: getattr(base, f) for f in ("cfg", "cfg_schedule", "top_k", "top_p",
+                                                                   "temperature", "more_smooth")}, **overrides})
+    report["sampling"] = {"cfg": sampling.cfg, "cfg_schedule": sampling.cfg_schedule, "top_k": sampling.top_k,
+                          "top_p": sampling.top_p, "temperature": sampling.temperature}
+    t0 = time.perf_counter()
+    report |= oracle_eval(decoder, vqvae, classes, load_world(args.data), sampling, args.samples_per_class,
+                          args.seed, args.grid)
+    report["oracle_eval_seconds"] = round(time.perf_counter() - t0, 2)
+    report["oracle_accuracy_tokenizer_reconstructions"] = tokenizer_ceiling(vqvae, args.data, classes,
+                                                                             load_world(args.data))
+    if not args.skip_speed:
+        report |= speed(decoder, vqvae, sampling, args.kv_batch, args.repeats)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Tokenizer quality benchmark: train the tiny multi-scale VQ-VAE on fresh ShapesWorld, print one JSON.
+
+    python benchmarks/tokenizer.py --threads 2            # generate data in a temp dir, train, evaluate
+
+Reported: held-out reconstruction ``psnr`` (dB), ``codebook_usage`` (fraction of the vocabulary used on
+held-out images, overall and per scale), ``oracle_accuracy`` (ShapesWorld oracle colour+shape accuracy
+on the *reconstructions* of held-out one-object images, against the record metadata; the same oracle on
+the original images is ``oracle_accuracy_original``), ``train_seconds`` (optimisation loop only) and the
+thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vargpt.data.records import image_to_tensor, load_image, load_records, tensor_to_image
+from vargpt.data.shapesworld.generate import load_world, write_dataset
+from vargpt.data.shapesworld.oracle import judge
+from vargpt.tokenizer.vqvae import MultiScaleVQVAE
+from vargpt.training.tokenizer_trainer import train_tokenizer
+
+
+def one_object_test_images(data_dir: Path) -> list[tuple[Path, dict]]:
+    """(image path, its single object's attributes) for every distinct one-object test image."""
+    seen: dict[Path, dict] = {}
+    for r in load_records(data_dir, "test"):
+        objects = r.meta.get("objects", [])
+        if len(r.images) == 1 and len(objects) == 1:
+            seen.setdefault(r.images[0], objects[0])
+    return list(seen.items())
+
+
+@torch.no_grad()
+def oracle_scores(model: MultiScaleVQVAE, data_dir: Path, limit: int) -> dict:
+    """Oracle colour+shape accuracy on reconstructions and on originals of one-object test images."""
+    world = load_world(data_dir)
+    items = one_object_test_images(data_dir)[:limit]
+    size = model.cfg.image_size
+    x = torch.stack([image_to_tensor(load_image(p, size)) for p, _ in items])
+    recon = torch.cat([model.reconstruct(x[i:i + 128]) for i in range(0, len(items), 128)])
+    keys = ("colour", "shape", "colour+shape")
+    rec_hits = dict.fromkeys(keys, 0)
+    orig_hits = dict.fromkeys(keys, 0)
+    for (_, obj), xr, xo in zip(items, recon, x, strict=True):
+        expected = {"colour": obj["colour"], "shape": obj["shape"]}
+        r, o = judge(tensor_to_image(xr), expected, world), judge(tensor_to_image(xo), expected, world)
+        for k in keys:
+            rec_hits[k] += int(r[k])
+            orig_hits[k] += int(o[k])
+    n = max(len(items), 1)
+    return {
+        "oracle_accuracy": rec_hits["colour+shape"] / n,
+        "oracle_colour_accuracy": rec_hits["colour"] / n,
+        "oracle_shape_accuracy": rec_hits["shape"] / n,
+        "oracle_accuracy_original": orig_hits["colour+shape"] / n,
+        "oracle_images": len(items),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=None, help="existing ShapesWorld folder (default: generate)")
+    ap.add_argument("--out", type=Path, default=None, help="checkpoint dir (default: temp)")
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    ap.add_argument("--oracle-images", type=int, default=1000)
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="vargpt-tokbench-") as tmp:
+        data = args.data
+        gen_seconds = 0.0
+        if data is None:
+            t0 = time.perf_counter()
+            data = Path(tmp) / "shapesworld"
+            write_dataset(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed, progress=False)
+            gen_seconds = time.perf_counter() - t0
+        out = args.out or Path(tmp) / "tokenizer"
+        metrics = train_tokenizer(data_dir=data, out_dir=out, preset="tiny", max_steps=args.steps,
+                                  batch_size=args.batch_size, seed=args.seed, progress=args.progress,
+                                  time_budget_s=args.time_budget)
+        model = MultiScaleVQVAE.from_pretrained(out)
+        result = {
+            "psnr": metrics["psnr"],
+            "codebook_usage": metrics["codebook_usage"],
+            **oracle_scores(model, data, args.oracle_images),
+            "train_seconds": metrics["train_seconds"],
+            "threads": args.threads,
+            "steps": metrics["steps"],
+            "batch_size": metrics["batch_size"],
+            "images_per_second": metrics["images_per_second"],
+            "train_loss": metrics["train_loss"],
+            "codes_restarted": metrics["codes_restarted"],
+            "vqvae": {k: v for k, v in vars(model.cfg).items()},
+            "data_seconds": round(gen_seconds + metrics["load_seconds"], 2),
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The unified model: mixed-batch forward, losses, masks, and teacher forcing == the inference loop."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from vargpt.config import SamplingConfig, VARGPTConfig
+from vargpt.data.collate import IGNORE_INDEX, encode_record, pad_samples
+from vargpt.data.records import Message, Record
+from vargpt.generation.next_scale import next_scale_steps
+from vargpt.generation.vargpt_step import VARGPTScaleStep
+from vargpt.model import VARGPT, GenerationSlotError, VARGPTBatch
+from vargpt.special_tokens import IMAGE, IMAGE_GEN, SpecialTokenIds
+from vargpt.training.loop import set_trainable
+from vargpt.training.stages import vargpt_stages
+
+
+def _cfg(llm_attention="causal"):
+    cfg = VARGPTConfig.from_name("tiny")
+    return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=2),
+                               gen_projector=dataclasses.replace(cfg.gen_projector, llm_attention=llm_attention))
+
+
+@pytest.fixture(scope="module")
+def model(hf_tokenizer):
+    torch.manual_seed(0)
+    return VARGPT.from_config(_cfg(), SpecialTokenIds.from_tokenizer(hf_tokenizer)).eval()
+
+
+def _batch(model, tok, records, n_in, n_gen):
+    cfg = model.cfg
+    samples = [encode_record(r, tok, model.token_ids, image_tokens=cfg.vision_tower.tokens_per_image,
+                             gen_tokens=cfg.vqvae.tokens_total) for r in records]
+    tb = pad_samples(samples, model.token_ids.pad)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.rand(n_in, 3, 32, 32, generator=g) * 2 - 1 if n_in else None
+    codes = model.vae_local.encode(torch.rand(n_gen, 3, 32, 32, generator=g) * 2 - 1) if n_gen else None
+    return VARGPTBatch(tb.input_ids, tb.labels, tb.attention_mask, pixel_values=pixels, gen_codes=codes), samples
+
+
+def _rec(*turns):
+    n = sum(c.count(IMAGE) + c.count(IMAGE_GEN) for _, c in turns)
+    return Record(tuple(Message(r, c) for r, c in turns), tuple(f"{i}.png" for i in range(n)))
+
+
+MIXED = [
+    _rec(("user", f"{IMAGE}\nwhat colour"), ("assistant", "red")),
+    _rec(("user", "draw a red circle"), ("assistant", f"here{IMAGE_GEN}")),
+    _rec(("user", f"{IMAGE}\ndraw it twice"), ("assistant", f"one{IMAGE_GEN} two{IMAGE_GEN} done")),
+]
+
+
+def test_mixed_batch_forward_shapes_and_losses(model, hf_tokenizer):
+    batch, _ = _batch(model, hf_tokenizer, MIXED, n_in=2, n_gen=3)
+    out = model(batch)
+    L, K = model.cfg.vqvae.tokens_total, model.cfg.vqvae.vocab_size
+    assert out.image_logits_NLK.shape == (3, L, K) and out.image_tokens == 3 * L
+    assert torch.isfinite(out.loss) and out.text_loss > 0 and out.image_loss > 0
+    assert out.text_tokens == int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+    gt = torch.cat(batch.gen_codes, 1)
+    manual = torch.nn.functional.cross_entropy(out.image_logits_NLK.flatten(0, 1), gt.flatten())
+    assert torch.allclose(out.image_loss, manual, atol=1e-6)  # image CE over all L codes of every image
+    assert torch.allclose(out.loss, out.text_loss + out.image_loss)
+    with pytest.raises(GenerationSlotError):
+        model(dataclasses.replace(batch, gen_codes=[c[:2] for c in batch.gen_codes]))
+
+
+def test_padding_does_not_change_losses(model, hf_tokenizer):
+    alone, _ = _batch(model, hf_tokenizer, MIXED[1:2], n_in=0, n_gen=1)
+    padded, _ = _batch(model, hf_tokenizer, [MIXED[1], _rec(("user", "what colour is the square " * 6),
+                                                             ("assistant", "red"))], n_in=0, n_gen=1)
+    assert torch.allclose(model(alone).image_logits_NLK, model(padded).image_logits_NLK, atol=1e-5)
+
+
+def test_text_logits_ignore_generation_targets_position(model, hf_tokenizer):
+    batch, samples = _batch(model, hf_tokenizer, MIXED[1:2], n_in=0, n_gen=1)
+    targets = [t for t in samples[0].labels if t != IGNORE_INDEX]
+    assert model.token_ids.image_gen_start in targets and model.token_ids.image_gen_pad not in targets
+
+
+@pytest.mark.parametrize("llm_attention", ["causal", "block_causal"])
+def test_teacher_forcing_equals_inference_loop(hf_tokenizer, llm_attention):
+    """The LLM+decoder logits of teacher forcing equal the KV-cached scale-by-scale loop's (B=2, padded)."""
+    torch.manual_seed(0)
+    model = VARGPT.from_config(_cfg(llm_attention), SpecialTokenIds.from_tokenizer(hf_tokenizer)).eval()
+    recs = [_rec(("user", "draw a red circle"), ("assistant", f"here{IMAGE_GEN}")),
+            _rec(("user", "please draw a square"), ("assistant", f"sure thing{IMAGE_GEN}"))]
+    tf_logits = []
+    prefixes = []
+    for r in recs:
+        batch, samples = _batch(model, hf_tokenizer, [r], n_in=0, n_gen=1)
+        tf_logits.append(model(batch).image_logits_NLK)
+        ids = samples[0].input_ids
+        prefixes.append(ids[: ids.index(model.token_ids.image_gen_start) + 1])
+    codes = [torch.cat(c) for c in zip(*[_batch(model, hf_tokenizer, [r], 0, 1)[0].gen_codes for r in recs],
+                                       strict=True)]
+    # Left-padded prefix through the LLM, then the loop with forced codes and cfg=0 (pure conditional logits).
+    T = max(map(len, prefixes))
+    ids_BT = torch.full((2, T), model.token_ids.pad)
+    pad_BT = torch.zeros(2, T, dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        ids_BT[i, T - len(p):], pad_BT[i, T - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        out = model.language_model(model.language_model.embed(ids_BT), attention_mask=pad_BT, use_cache=True,
+                                   compute_logits=False)
+        step = VARGPTScaleStep(model, out.cache, pad_BT, torch.Generator().manual_seed(0))
+        cond = model.gen_condition(4, ids_BT.device)
+        events = list(next_scale_steps(model.vargpt_gen, model.vae_local.quantize, cond,
+                                       sampling=SamplingConfig(cfg=0.0), step=step, forced_idx=codes))
+    loop_logits = torch.cat([e.logits_BlK for e in events], dim=1)
+    assert (loop_logits - torch.cat(tf_logits)).abs().max() < 1e-4
+
+
+def test_trainable_sets_per_stage(model):
+    stages = vargpt_stages("tiny")
+    expect = {
+        "stage1": ("image_gen_projector.", "image_gen_projector_out.", "vargpt_gen.class_emb.", "vargpt_gen.pos_start"),
+        "stage2": ("language_model.", "multi_modal_projector."),
+        "stage3": ("vargpt_gen.", "image_gen_projector.", "image_gen_projector_out."),
+    }
+    try:
+        for name, spec in stages.items():
+            set_trainable(model, spec.train.trainable)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            assert trainable == {n for n, _ in model.named_parameters() if n.startswith(expect[name])}, name
+            assert not any(n.startswith(("vae_local.", "vision_tower.")) for n in trainable)
+    finally:
+        model.requires_grad_(True)
+        model.vae_local.requires_grad_(False)
+
+
+def test_building_the_model_does_not_patch_torch(model):
+    lin = torch.nn.Linear(64, 64)
+    assert lin.weight.std() > 0.01 and lin.bias.abs().sum() > 0

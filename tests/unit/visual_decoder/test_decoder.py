@@ -1,0 +1,124 @@
+"""VisualDecoder: SPEC section 4 key layout, init (SPEC 2.9), the embed/blocks seam, class dropout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vargpt.config import VARGPTConfig
+from vargpt.visual_decoder.decoder import VisualDecoder
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = VARGPTConfig.from_name("tiny")
+    return cfg.visual_decoder, cfg.vqvae
+
+
+def _spec_section4_shapes(dc, vq) -> dict[str, tuple[int, ...]]:
+    """``vargpt_gen.*`` keys and shapes as listed in SPEC section 4, written out for the tiny sizes."""
+    C, L, S, Z, K, H = dc.width, vq.tokens_total, vq.num_scales, vq.z_channels, vq.vocab_size, dc.num_heads
+    M = dc.mlp_hidden
+    shapes = {
+        "word_embed.weight": (C, Z), "word_embed.bias": (C,), "class_emb.weight": (dc.num_classes + 1, C),
+        "pos_start": (1, 1, C), "pos_1LC": (1, L, C), "lvl_embed.weight": (S, C),
+        "lvl_1L": (1, L), "attn_bias_for_masking": (1, 1, L, L),
+        "head_nm.ada_lin.1.weight": (2 * C, C), "head_nm.ada_lin.1.bias": (2 * C,),
+        "head.weight": (K, C), "head.bias": (K,),
+    }
+    for i in range(dc.depth):
+        p = f"blocks.{i}."
+        shapes |= {
+            p + "attn.scale_mul_1H11": (1, H, 1, 1), p + "attn.q_bias": (C,), p + "attn.v_bias": (C,),
+            p + "attn.zero_k_bias": (C,), p + "attn.mat_qkv.weight": (3 * C, C),
+            p + "attn.proj.weight": (C, C), p + "attn.proj.bias": (C,),
+            p + "ffn.fc1.weight": (M, C), p + "ffn.fc1.bias": (M,),
+            p + "ffn.fc2.weight": (C, M), p + "ffn.fc2.bias": (C,),
+            p + "ada_lin.1.weight": (6 * C, C), p + "ada_lin.1.bias": (6 * C,),
+        }
+    return shapes
+
+
+def test_state_dict_matches_spec_section4_strict(tiny):
+    dc, vq = tiny
+    model = VisualDecoder(dc, vq)
+    shapes = _spec_section4_shapes(dc, vq)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == shapes
+    # An upstream-style state dict (random values, recomputed-or-stored buffers) loads strictly.
+    state = {k: torch.randn(s) for k, s in shapes.items()}
+    state["lvl_1L"] = model.lvl_1L.clone()
+    state["attn_bias_for_masking"] = model.attn_bias_for_masking.clone()
+    for i in range(dc.depth):
+        state[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(dc.width)
+    other = VisualDecoder(dc, vq)
+    other.load_state_dict(state, strict=True)
+    assert torch.equal(other.head.weight, state["head.weight"])
+    assert other.lvl_1L.dtype == torch.int64
+
+
+def test_init_weights_spec_2_9(tiny):
+    dc, vq = tiny
+    torch.manual_seed(0)
+    model = VisualDecoder(dc, vq)
+    C, std = dc.width, dc.resolved_init_std
+    assert math.isclose(std, math.sqrt(1 / (3 * C)))
+    assert model.head.bias.abs().sum() == 0
+    assert model.head.weight.std().item() == pytest.approx(std * dc.init_head, rel=0.1)
+    assert model.pos_1LC.std().item() == pytest.approx(std, rel=0.1)
+    for block in model.blocks:
+        ada = block.ada_lin[1].weight
+        assert ada[: 2 * C].std().item() == pytest.approx(std * dc.init_adaln_gamma, rel=0.1)
+        assert ada[2 * C:].std().item() == pytest.approx(std * dc.init_adaln, rel=0.1)
+        assert block.ffn.fc2.weight.std().item() == pytest.approx(std / math.sqrt(2 * dc.depth), rel=0.1)
+        assert block.ffn.fc1.weight.std().item() == pytest.approx(std, rel=0.1)
+        assert torch.allclose(block.attn.scale_mul_1H11, torch.full_like(block.attn.scale_mul_1H11, math.log(4)))
+        assert block.attn.q_bias.abs().sum() == 0 and block.ada_lin[1].bias.abs().sum() == 0
+
+
+def test_no_global_patching_linear_built_after_is_initialised(tiny):
+    VisualDecoder(*tiny)
+    lin, ln = nn.Linear(64, 64), nn.LayerNorm(64)
+    assert lin.weight.abs().sum() > 0 and lin.weight.std() > 0.01  # kaiming-uniform default init
+    assert torch.equal(ln.weight, torch.ones(64)) and torch.equal(ln.bias, torch.zeros(64))
+
+
+def test_seam_forward_equals_embed_then_blocks(tiny):
+    dc, vq = tiny
+    model = VisualDecoder(dc, vq).eval()
+    B, L = 3, vq.tokens_total
+    labels = torch.tensor([0, 4, dc.num_classes])
+    x_BlZ = torch.randn(B, L - 1, vq.z_channels)
+    logits = model(labels, x_BlZ)
+    assert logits.shape == (B, L, vq.vocab_size)
+    cond = model.condition(labels)
+    h = model.embed_tokens(cond, x_BlZ)
+    assert h.shape == (B, L, dc.width)
+    assert torch.equal(model.forward_blocks(h, cond, attn_bias=model.causal_bias()), logits)
+    # embed_start / embed_scale are slices of embed_tokens.
+    assert torch.allclose(model.embed_start(cond), h[:, :1], atol=1e-6)
+    b, e = model.offsets[2]
+    assert torch.allclose(model.embed_scale(2, x_BlZ[:, b - 1:e - 1]), h[:, b:e], atol=1e-6)
+
+
+def test_class_dropout_only_in_training(tiny):
+    dc, vq = tiny
+    model = VisualDecoder(dc, vq)
+    with torch.no_grad():
+        model.head.weight.normal_()
+        model.head_nm.ada_lin[1].weight.normal_()
+    labels = torch.zeros(64, dtype=torch.long)
+    x = torch.randn(64, vq.tokens_total - 1, vq.z_channels)
+    model.eval()
+    ref = model(labels, x)
+    assert torch.equal(model(labels, x), ref)
+    uncond = model.eval()(torch.full_like(labels, dc.num_classes), x)
+    model.train()
+    out = model(labels, x)
+    dropped = torch.isclose(out, uncond, atol=1e-5).flatten(1).all(1)
+    kept = torch.isclose(out, ref, atol=1e-5).flatten(1).all(1)
+    assert (dropped | kept).all()
+    assert 0 < dropped.sum() < 64 * 0.5  # rate 0.1 of 64 rows

@@ -1,0 +1,252 @@
+"""The tiny "LLaVA-1.5" the VARGPT stages start from: projector alignment, then instruction tuning.
+
+LLaVA-1.5 (Liu et al. 2023) trains in two steps, and so does the tiny preset:
+
+1. :func:`train_alignment`: only the understanding projector trains; LLM and vision tower are frozen.
+2. :func:`train_instruct`: the projector and the LLM train; the vision tower stays frozen.
+
+Both use the dataset's understanding conversations (records with at least one input ``<image>`` and no
+``<image_gen>``), tokenized by :func:`vargpt.data.collate.encode_record` (each image expanded to P
+slots, loss on assistant tokens and ``</s>`` only). The vision tower is frozen in both steps, so its
+features are computed once per image (:func:`tower_features`) and the training forward starts at the
+projector.
+
+Output directory of either step: ``checkpoint/`` (the whole :class:`~vargpt.understanding.llava.Llava`
+state, ``config.json`` with everything needed to rebuild it, trainer state), ``tokenizer/``, logs.
+:func:`load_llava` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vargpt.config import ProjectorConfig, TrainConfig, VARGPTConfig, VisionTowerConfig
+from vargpt.data.collate import encode_record, pad_samples
+from vargpt.data.records import DatasetError, Record, load_image
+from vargpt.llm.backbone import LLMBackbone
+from vargpt.special_tokens import SpecialTokenIds
+from vargpt.training.base_text import _load_split, load_llm, load_text_tokenizer, next_token_loss, run_metrics
+from vargpt.training.base_vision import load_vision_tower
+from vargpt.training.checkpoint import load_checkpoint
+from vargpt.training.loop import train
+from vargpt.understanding.llava import Llava
+from vargpt.understanding.projector import UnderstandingProjector
+from vargpt.understanding.vision_tower import ImageProcessor, VisionTower
+
+logger = logging.getLogger(__name__)
+
+ALIGN_TRAIN = TrainConfig(name="base-align", trainable=("projector.*",), lr=3e-3, weight_decay=0.0,
+                          warmup_ratio=0.1, batch_size=32, max_steps=40, grad_clip=1.0)
+"""Default recipe of :func:`train_alignment` (LLaVA-1.5 stage 1: projector only, high lr)."""
+INSTRUCT_TRAIN = TrainConfig(name="base-instruct", trainable=("projector.*", "llm.*"), lr=1e-3,
+                             weight_decay=0.0, warmup_ratio=0.05, min_lr_ratio=0.05, batch_size=32,
+                             max_steps=200, grad_clip=1.0)
+"""Default recipe of :func:`train_instruct` (LLaVA-1.5 stage 2: projector + LLM)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnderstandingSample:
+    """One tokenized understanding conversation and the indices of its images in the feature table."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_rows: list[int]
+
+
+@dataclass(frozen=True)
+class UnderstandingData:
+    """Samples over a shared table of frozen vision-tower features."""
+
+    samples: list[UnderstandingSample]
+    feats_NPF: torch.Tensor
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> UnderstandingSample:
+        return self.samples[i]
+
+    def subset(self, samples: list[UnderstandingSample]) -> UnderstandingData:
+        """Same feature table, other samples."""
+        return dataclasses.replace(self, samples=samples)
+
+    def collate(self, batch: Sequence[UnderstandingSample]) -> dict[str, torch.Tensor]:
+        """Right-padded ids/labels/mask and the features of the batch's images in order."""
+        padded = pad_samples(batch, self.pad_id)  # duck-typed: needs .input_ids and .labels
+        rows = torch.tensor([r for s in batch for r in s.image_rows], dtype=torch.long)
+        return {"ids": padded.input_ids, "labels": padded.labels, "mask": padded.attention_mask,
+                "feats": self.feats_NPF[rows]}
+
+
+def understanding_records(records: Sequence[Record]) -> list[Record]:
+    """Records whose images are all inputs (at least one ``<image>``, no ``<image_gen>``)."""
+    return [r for r in records if r.is_understanding and not r.is_generation]
+
+
+@torch.no_grad()
+def tower_features(tower: VisionTower, processor: ImageProcessor, paths: Sequence[Path],
+                   batch_size: int = 256) -> torch.Tensor:
+    """Frozen vision-tower features ``(N, P, F)`` of the images at ``paths``."""
+    tower.eval()
+    chunks = []
+    for i in range(0, len(paths), batch_size):
+        pixels = processor([load_image(p) for p in paths[i:i + batch_size]])
+        chunks.append(tower(pixels))
+    return torch.cat(chunks) if chunks else torch.zeros(0, tower.num_patches, tower.hidden_size)
+
+
+def build_understanding_data(
+    records: Sequence[Record], eval_records: Sequence[Record], tokenizer: Any, tower: VisionTower,
+    processor: ImageProcessor, *, system_prompt: str, max_length: int, max_eval: int = 128,
+) -> tuple[UnderstandingData, UnderstandingData]:
+    """Tokenize train and held-out understanding records and compute the features of their images once."""
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    rows: dict[Path, int] = {}
+
+    def encode(recs: Sequence[Record]) -> list[UnderstandingSample]:
+        out = []
+        for r in understanding_records(recs):
+            enc = encode_record(r, tokenizer, ids, image_tokens=tower.num_patches, gen_tokens=1,
+                                system_prompt=system_prompt, max_length=max_length)
+            out.append(UnderstandingSample(enc.input_ids, enc.labels,
+                                           [rows.setdefault(p, len(rows)) for p in enc.input_images]))
+        return out
+
+    train_samples = encode(records)
+    if not train_samples:
+        raise DatasetError("the dataset has no understanding records (a user <image> and no <image_gen>)")
+    eval_samples = encode(eval_records) or train_samples
+    eval_samples = eval_samples[:: max(1, len(eval_samples) // max_eval)][:max_eval]
+    feats = tower_features(tower, processor, list(rows))
+    data = UnderstandingData(train_samples, feats, ids.pad)
+    return data, data.subset(eval_samples)
+
+
+def _loss(model: Llava, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = model(batch["ids"], image_feats_NPF=batch["feats"], attention_mask=batch["mask"])
+    return {"loss": next_token_loss(out.logits_BTV, batch["labels"])}
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------
+
+
+def build_llava(llm_dir: str | Path, vision_dir: str | Path, *, preset: str = "tiny",
+                seed: int = 0) -> tuple[Llava, Any, ImageProcessor, VisionTowerConfig]:
+    """Pretrained LLM (+ tokenizer) and vision tower joined by a freshly initialised projector."""
+    llm, tokenizer = load_llm(llm_dir)
+    tower, processor, vt_cfg = load_vision_tower(vision_dir)
+    torch.manual_seed(seed)
+    projector = UnderstandingProjector(tower.hidden_size, llm.hidden_size,
+                                       VARGPTConfig.from_name(preset).projector)
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    return Llava(tower, projector, llm, image_token_id=ids.image), tokenizer, processor, vt_cfg
+
+
+def train_alignment(
+    data_dir: str | Path, llm_dir: str | Path, vision_dir: str | Path, out_dir: str | Path, *,
+    preset: str = "tiny", train_cfg: TrainConfig | None = None, resume: bool = True, progress: bool = True,
+    data: tuple[UnderstandingData, UnderstandingData] | None = None, **overrides: Any,
+) -> dict[str, Any]:
+    """LLaVA stage 1: train only the projector on understanding conversations.
+
+    Args:
+        data_dir: dataset folder (``train``; held-out loss on ``test`` when present).
+        llm_dir / vision_dir: outputs of ``train_llm`` / ``train_vision_tower``.
+        out_dir: receives ``checkpoint/``, ``tokenizer/``, logs.
+        train_cfg / overrides: recipe (default :data:`ALIGN_TRAIN`) and field overrides.
+        data: precomputed ``(train, held-out)`` data (reuses tower features across steps).
+
+    Returns:
+        Metrics: held-out answer-token ``loss_before/after``, train losses, steps, seconds.
+    """
+    t0 = time.perf_counter()
+    tcfg = dataclasses.replace(train_cfg or ALIGN_TRAIN, **overrides)
+    model, tokenizer, processor, vt_cfg = build_llava(llm_dir, vision_dir, preset=preset, seed=tcfg.seed)
+    return _run(model, tokenizer, processor, vt_cfg, data_dir, out_dir, Path(llm_dir) / "tokenizer", tcfg,
+                preset=preset, resume=resume, progress=progress, data=data, t0=t0)
+
+
+def train_instruct(
+    data_dir: str | Path, align_dir: str | Path, out_dir: str | Path, *, preset: str = "tiny",
+    train_cfg: TrainConfig | None = None, resume: bool = True, progress: bool = True,
+    data: tuple[UnderstandingData, UnderstandingData] | None = None, **overrides: Any,
+) -> dict[str, Any]:
+    """LLaVA stage 2: train the projector and the LLM (vision tower frozen), starting from alignment.
+
+    Arguments as :func:`train_alignment`, with ``align_dir`` its output. The result is the tiny
+    "LLaVA-1.5" that VARGPT's stages start from.
+    """
+    t0 = time.perf_counter()
+    tcfg = dataclasses.replace(train_cfg or INSTRUCT_TRAIN, **overrides)
+    model, tokenizer, processor, vt_cfg = load_llava(align_dir)
+    return _run(model, tokenizer, processor, vt_cfg, data_dir, out_dir, Path(align_dir) / "tokenizer", tcfg,
+                preset=preset, resume=resume, progress=progress, data=data, t0=t0)
+
+
+def _run(model: Llava, tokenizer: Any, processor: ImageProcessor, vt_cfg: VisionTowerConfig,
+         data_dir: str | Path, out_dir: str | Path, tokenizer_dir: Path, tcfg: TrainConfig, *, preset: str,
+         resume: bool, progress: bool, data: tuple[UnderstandingData, UnderstandingData] | None,
+         t0: float) -> dict[str, Any]:
+    cfg = VARGPTConfig.from_name(preset)
+    if data is None:
+        data = build_understanding_data(
+            _load_split(data_dir, "train"), _load_split(data_dir, "test"), tokenizer, model.vision_tower,
+            processor, system_prompt=cfg.chat.system_prompt,
+            max_length=model.llm.model.config.max_position_embeddings)
+    train_data, eval_data = data
+    result = train(model, loss_fn=_loss, train_data=train_data, collate=train_data.collate, cfg=tcfg,
+                   out_dir=out_dir, eval_data=eval_data, save_config=llava_config(model, vt_cfg, preset),
+                   resume=resume, progress=progress)
+    dst = Path(out_dir) / "tokenizer"
+    if tokenizer_dir.resolve() != dst.resolve():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(tokenizer_dir, dst)
+    return run_metrics(result, t0, n_train=len(train_data), unit="conversations")
+
+
+def llava_config(model: Llava, vt_cfg: VisionTowerConfig, preset: str) -> dict[str, Any]:
+    """Everything :func:`load_llava` needs to rebuild ``model`` (JSON-serialisable)."""
+    act = model.projector.act
+    hidden_act = "silu" if isinstance(act, torch.nn.SiLU) else (
+        "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu")
+    return {
+        "kind": "llava", "preset": preset, "image_token_id": model.image_token_id,
+        "llm_hf_config": model.llm.hf_config_dict(), "vision_hf_config": model.vision_tower.hf_config_dict(),
+        "vision_tower": dataclasses.asdict(vt_cfg), "projector": {"hidden_act": hidden_act},
+        "system_prompt": VARGPTConfig.from_name(preset).chat.system_prompt,
+    }
+
+
+def load_llava(run_dir: str | Path) -> tuple[Llava, Any, ImageProcessor, VisionTowerConfig]:
+    """``(model, tokenizer, processor, vision config)`` from a :func:`train_alignment`/:func:`train_instruct` run."""
+    run = Path(run_dir)
+    state, config, _ = load_checkpoint(run / "checkpoint", with_trainer_state=False)
+    if config.get("kind") != "llava":
+        raise ValueError(f"{run} is not a LLaVA run (kind={config.get('kind')!r})")
+    vt_cfg = VisionTowerConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in config["vision_tower"].items()})
+    tower = VisionTower.from_hf_config(config["vision_hf_config"], feature_layer=vt_cfg.feature_layer,
+                                       drop_cls=vt_cfg.drop_cls)
+    llm = LLMBackbone.from_hf_config(config["llm_hf_config"])
+    projector = UnderstandingProjector(tower.hidden_size, llm.hidden_size,
+                                       ProjectorConfig(**config["projector"]))
+    model = Llava(tower, projector, llm, image_token_id=int(config["image_token_id"]))
+    model.load_state_dict(state)
+    return model.eval(), load_text_tokenizer(run / "tokenizer"), ImageProcessor.from_config(vt_cfg), vt_cfg

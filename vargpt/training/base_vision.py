@@ -1,0 +1,226 @@
+"""Contrastive (CLIP) pretraining of the tiny vision tower on a dataset's own image-text pairs.
+
+Each image is paired with the text of every record that shows it: the record's message contents with
+placeholders removed (a caption, a question and its answer, a generation request, ...). Dataset
+agnostic: nothing beyond the record format is used. See :mod:`vargpt.understanding.contrastive` for
+the model and the multi-positive loss. No augmentation (a horizontal flip would break "left"/"right").
+
+    >>> train_vision_tower("data/sw", "runs/base/tokenizer", "runs/base/vision", preset="tiny")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vargpt.config import TrainConfig, VARGPTConfig, VisionTowerConfig
+from vargpt.data.records import DatasetError, Record, load_image
+from vargpt.training.base_text import _load_split, load_text_tokenizer, run_metrics, strip_placeholders
+from vargpt.training.checkpoint import load_checkpoint
+from vargpt.training.loop import train
+from vargpt.understanding.contrastive import ContrastiveModel, TextEncoder
+from vargpt.understanding.vision_tower import ImageProcessor, VisionTower
+
+logger = logging.getLogger(__name__)
+
+VISION_TRAIN = TrainConfig(name="base-vision", lr=2e-3, weight_decay=0.1, betas=(0.9, 0.98), warmup_ratio=0.1,
+                           min_lr_ratio=0.1, batch_size=128, max_steps=60, grad_clip=1.0)
+"""Default recipe of :func:`train_vision_tower`."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training example: indices into the image and text tables (-1 = none)."""
+
+    image: int
+    text: int
+    question: int = -1
+    answer: int = -1
+
+
+@dataclass(frozen=True)
+class PairData:
+    """Image-text pairs over deduplicated tables of images and texts."""
+
+    pixels_N3HW: torch.Tensor
+    """Processed images (float32, normalised)."""
+    text_ids_MT: torch.Tensor
+    """Right-padded token ids of the distinct texts (pair texts, questions and answers)."""
+    text_mask_MT: torch.Tensor
+    """1 = token."""
+    pairs: list[Pair]
+    """The examples."""
+    vocab_size: int
+    """Text vocabulary size (width of the multi-hot answers)."""
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> Pair:
+        return self.pairs[i]
+
+    def subset(self, pairs: list[Pair]) -> PairData:
+        """Same tables, other pairs."""
+        return dataclasses.replace(self, pairs=pairs)
+
+    def _texts(self, idx_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask_BT = self.text_mask_MT[idx_B.clamp_min(0)] * (idx_B[:, None] >= 0)
+        T = max(1, int(mask_BT.sum(1).max()))
+        return self.text_ids_MT[idx_B.clamp_min(0), :T], mask_BT[:, :T]
+
+    def collate(self, batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        """Pixels, texts, questions, multi-hot answers and the multi-positive matrix of a batch."""
+        img_B = torch.tensor([p.image for p in batch])
+        txt_B = torch.tensor([p.text for p in batch])
+        ids, mask = self._texts(txt_B)
+        q_ids, q_mask = self._texts(torch.tensor([p.question for p in batch]))
+        a_ids, a_mask = self._texts(torch.tensor([p.answer for p in batch]))
+        answers_BV = torch.zeros(len(batch), self.vocab_size, dtype=torch.bool)
+        answers_BV.scatter_(1, a_ids, a_mask.bool())  # padding ids only ever receive False
+        positives_BB = (img_B[:, None] == img_B[None, :]) | (txt_B[:, None] == txt_B[None, :])
+        return {"pixels": self.pixels_N3HW[img_B], "ids": ids, "mask": mask, "positives": positives_BB,
+                "question_ids": q_ids, "question_mask": q_mask, "answers": answers_BV}
+
+
+def record_text(record: Record) -> str:
+    """The text paired with a record's images: its message contents, placeholders removed."""
+    return " ".join(strip_placeholders(m.content).strip() for m in record.messages).strip()
+
+
+def question_answer(record: Record) -> tuple[str, str] | None:
+    """The first user question and the assistant answer right after it, if the record has them."""
+    msgs = [m for m in record.messages if m.role != "system"]
+    for user, reply in zip(msgs, msgs[1:], strict=False):
+        if user.role == "user" and reply.role == "assistant":
+            q, a = strip_placeholders(user.content).strip(), strip_placeholders(reply.content).strip()
+            return (q, a) if q and a else None
+    return None
+
+
+def build_pairs(
+    records: Sequence[Record], eval_records: Sequence[Record], tokenizer: Any, processor: ImageProcessor, *,
+    max_text_len: int, max_eval_pairs: int = 256,
+) -> tuple[PairData, PairData]:
+    """Train and held-out pairs sharing one image/text table (each image loaded, each text tokenized once).
+
+    Every input image (``<image>``) of a record is paired with the record's text; records whose images are
+    only generation targets are skipped. The held-out pairs are an evenly spaced subset of
+    ``eval_records``' pairs, or of the train pairs when ``eval_records`` is empty.
+    """
+    images: dict[Path, int] = {}
+    texts: dict[str, int] = {}
+
+    def pairs_of(recs: Sequence[Record]) -> list[Pair]:
+        out: list[Pair] = []
+        for record in recs:
+            text, qa = record_text(record), question_answer(record)
+            if not record.input_images or not text:
+                continue
+            t = texts.setdefault(text, len(texts))
+            q, a = (texts.setdefault(qa[0], len(texts)), texts.setdefault(" " + qa[1], len(texts))) if qa else (-1, -1)
+            out.extend(Pair(images.setdefault(p, len(images)), t, q, a) for p in record.input_images)
+        return out
+
+    train_pairs, eval_pairs = pairs_of(records), pairs_of(eval_records)
+    if not train_pairs:
+        raise DatasetError("no record pairs an input <image> with text; cannot pretrain the vision tower")
+    eval_pairs = eval_pairs or train_pairs
+    eval_pairs = eval_pairs[:: max(1, len(eval_pairs) // max_eval_pairs)][:max_eval_pairs]
+    pixels = torch.stack([processor.process_one(load_image(p)) for p in images])
+    encoded = [tokenizer.encode(t, add_special_tokens=False)[:max_text_len] for t in texts]
+    T = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, :len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[i, :len(e)] = 1
+    data = PairData(pixels, ids, mask, train_pairs, len(tokenizer))
+    return data, data.subset(eval_pairs)
+
+
+def _make_loss(answer_weight: float, contrastive_weight: float = 1.0):  # noqa: ANN202
+    def loss_fn(model: ContrastiveModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        parts = model(batch["pixels"], batch["ids"], batch["mask"], batch["positives"],
+                      question_ids_BQ=batch["question_ids"], question_mask_BQ=batch["question_mask"],
+                      answer_targets_BV=batch["answers"])
+        loss = contrastive_weight * parts["contrastive"] + answer_weight * parts.get("answer", 0.0)
+        return {"loss": loss, **parts, "scale": model.logit_scale.detach().exp()}
+    return loss_fn
+
+
+def train_vision_tower(
+    data_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    preset: str = "tiny",
+    text_width: int = 128,
+    text_depth: int = 2,
+    max_text_len: int = 64,
+    answer_loss_weight: float = 1.0,
+    train_cfg: TrainConfig | None = None,
+    tower_overrides: dict[str, Any] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Pretrain the preset's CLIP vision tower contrastively against a small text encoder.
+
+    Args:
+        data_dir: dataset folder; held-out loss on the ``test`` split when present.
+        tokenizer_dir: the text tokenizer (:func:`~vargpt.training.base_text.train_text_tokenizer`).
+        out_dir: receives ``checkpoint/`` (whole contrastive model; :func:`load_vision_tower` extracts
+            the tower) and logs.
+        text_width / text_depth / max_text_len: the text encoder's size.
+        answer_loss_weight: weight of the auxiliary question-conditioned answer loss (0 = pure CLIP;
+            see :mod:`vargpt.understanding.contrastive`).
+        train_cfg / overrides: optimiser recipe (default :data:`VISION_TRAIN`) and field overrides.
+        tower_overrides: replace fields of the preset's :class:`~vargpt.config.VisionTowerConfig`
+            (stored in the checkpoint, so later steps follow).
+
+    Returns:
+        Metrics: held-out ``loss_before/after``, train loss first/last, steps, seconds.
+    """
+    t0 = time.perf_counter()
+    vt_cfg = dataclasses.replace(VARGPTConfig.from_name(preset).vision_tower, **(tower_overrides or {}))
+    tcfg = dataclasses.replace(train_cfg or VISION_TRAIN, **overrides)
+    tokenizer = load_text_tokenizer(tokenizer_dir)
+    processor = ImageProcessor.from_config(vt_cfg)
+    train_data, eval_data = build_pairs(_load_split(data_dir, "train"), _load_split(data_dir, "test"),
+                                        tokenizer, processor, max_text_len=max_text_len)
+    torch.manual_seed(tcfg.seed)
+    text_encoder = TextEncoder(len(tokenizer), width=text_width, depth=text_depth, max_len=max_text_len)
+    model = ContrastiveModel(VisionTower.from_config(vt_cfg), text_encoder, vt_cfg.projection_dim,
+                             answer_head=answer_loss_weight > 0)
+    save_config = {
+        "kind": "vision_contrastive", "preset": preset, "vision_tower": dataclasses.asdict(vt_cfg),
+        "hf_config": model.vision_tower.hf_config_dict(),
+        "text_encoder": {"vocab_size": len(tokenizer), "width": text_width, "depth": text_depth,
+                         "max_len": max_text_len},
+        "answer_loss_weight": answer_loss_weight,
+    }
+    result = train(model, loss_fn=_make_loss(answer_loss_weight), train_data=train_data,
+                   collate=train_data.collate, cfg=tcfg, out_dir=out_dir, eval_data=eval_data,
+                   save_config=save_config, resume=resume, progress=progress)
+    return run_metrics(result, t0, n_train=len(train_data), unit="pairs")
+
+
+def load_vision_tower(run_dir: str | Path) -> tuple[VisionTower, ImageProcessor, VisionTowerConfig]:
+    """The pretrained tower, its image processor and config from a :func:`train_vision_tower` run."""
+    state, config, _ = load_checkpoint(Path(run_dir) / "checkpoint", with_trainer_state=False)
+    if config.get("kind") != "vision_contrastive":
+        raise ValueError(f"{run_dir} is not a vision-tower run (kind={config.get('kind')!r})")
+    vt_cfg = VisionTowerConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in config["vision_tower"].items()})
+    tower = VisionTower.from_hf_config(config["hf_config"], feature_layer=vt_cfg.feature_layer,
+                                       drop_cls=vt_cfg.drop_cls)
+    prefix = "vision_tower."
+    tower.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return tower.eval(), ImageProcessor.from_config(vt_cfg), vt_cfg

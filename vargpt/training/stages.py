@@ -1,0 +1,95 @@
+"""VARGPT's three training stages as data (paper section 3.2, Table 2; SPEC 3.9; ARCHITECTURE section 2).
+
+A stage is a :class:`StageSpec`: which parameters train (globs over :class:`vargpt.model.VARGPT`'s
+parameter names), which records it trains on, and its :class:`TrainConfig` (optimiser, schedule, loss
+weights). One loop (:func:`vargpt.training.loop.train`) runs all three.
+
+| stage | trains | data |
+|---|---|---|
+| 1 pretrain | generation projectors + decoder condition/start embedding | class-style generation prompts |
+| 2 SFT understanding | LLM + understanding projector | understanding conversations + some generation instructions |
+| 3 SFT generation | visual decoder + both generation projectors | caption-style generation instructions |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vargpt.config import ConfigError, TrainConfig
+from vargpt.data.records import Record
+
+GEN_PROJECTORS = ("image_gen_projector.*", "image_gen_projector_out.*")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    """One stage: its training config (trainable globs, optimiser, loss weights) and data selection."""
+
+    name: str
+    train: TrainConfig
+    select: Callable[[list[Record], int], list[Record]]
+    """``select(records, seed) -> records`` of this stage (pure, deterministic for a seed)."""
+    description: str = ""
+
+
+def _class_prompts(records: list[Record], seed: int) -> list[Record]:
+    """Stage 1: class-style generation prompts; plain generation records if the data has no classes."""
+    out = [r for r in records if r.is_generation and r.cls is not None]
+    return out or [r for r in records if r.is_generation]
+
+
+def _mixed(gen_share: float) -> Callable[[list[Record], int], list[Record]]:
+    def select(records: list[Record], seed: int) -> list[Record]:
+        """Stage 2: every understanding record plus ``gen_share`` (of the total) generation records."""
+        und = [r for r in records if not r.is_generation]
+        gen = [r for r in records if r.is_generation and r.cls is None] or [r for r in records if r.is_generation]
+        n_gen = min(len(gen), round(gen_share / (1 - gen_share) * len(und))) if und else len(gen)
+        return und + random.Random(seed).sample(gen, n_gen)
+
+    return select
+
+
+def _caption_generation(records: list[Record], seed: int) -> list[Record]:
+    """Stage 3: caption-style (non-class) generation instructions; all generation records if none."""
+    out = [r for r in records if r.is_generation and r.cls is None]
+    return out or [r for r in records if r.is_generation]
+
+
+def vargpt_stages(preset: str) -> dict[str, StageSpec]:
+    """The three stages for a preset: paper Table 2 values for ``vargpt-v1-7b``, tuned values for ``tiny``.
+
+    Raises:
+        ConfigError: unknown preset.
+    """
+    if preset == "vargpt-v1-7b":
+        # Paper Table 2: batch 1024/256/1024, lr 1e-3/5e-5/5e-5, cosine, warm-up 0.1, wd 0, epochs 1/1/12.
+        t1 = TrainConfig(name="stage1", lr=1e-3, batch_size=8, grad_accum=16, epochs=1, weight_decay=0.0)
+        t2 = TrainConfig(name="stage2", lr=5e-5, batch_size=8, grad_accum=4, epochs=1, weight_decay=0.0)
+        t3 = TrainConfig(name="stage3", lr=5e-5, batch_size=8, grad_accum=16, epochs=12, weight_decay=0.0)
+    elif preset == "tiny":
+        t1 = TrainConfig(name="stage1", lr=2e-3, batch_size=32, max_steps=150, weight_decay=0.0, eval_every=50)
+        t2 = TrainConfig(name="stage2", lr=5e-4, batch_size=32, max_steps=200, weight_decay=0.0, eval_every=50)
+        t3 = TrainConfig(name="stage3", lr=5e-4, batch_size=32, max_steps=250, weight_decay=0.0, eval_every=50)
+    else:
+        raise ConfigError(f"no stage recipe for preset {preset!r}; choose 'tiny' or 'vargpt-v1-7b'")
+    return {
+        "stage1": StageSpec(
+            name="stage1", select=_class_prompts,
+            train=dataclasses.replace(t1, trainable=(*GEN_PROJECTORS, "vargpt_gen.class_emb.*",
+                                                     "vargpt_gen.pos_start"),
+                                      text_loss_weight=0.0, image_loss_weight=1.0),
+            description="align: generation projectors + condition/start embedding on class prompts"),
+        "stage2": StageSpec(
+            name="stage2", select=_mixed(gen_share=0.2),
+            train=dataclasses.replace(t2, trainable=("language_model.*", "multi_modal_projector.*"),
+                                      text_loss_weight=1.0, image_loss_weight=1.0),
+            description="SFT understanding: LLM + projector on mixed understanding/generation instructions"),
+        "stage3": StageSpec(
+            name="stage3", select=_caption_generation,
+            train=dataclasses.replace(t3, trainable=("vargpt_gen.*", *GEN_PROJECTORS),
+                                      text_loss_weight=0.0, image_loss_weight=1.0),
+            description="SFT generation: visual decoder + generation projectors on generation instructions"),
+    }

@@ -1,0 +1,124 @@
+"""Run one VARGPT stage: load a model directory, select the stage's data, train, save a model directory.
+
+Output layout of ``out_dir``: ``model/`` (a :func:`vargpt.pretrained.load_pretrained` directory, the
+input of the next stage and of the inference ``Pipeline``), ``train/`` (``checkpoint/`` for
+``--resume``, ``log.jsonl``, ``loss.png``) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vargpt.data.datasets import VARGPTDataset, collate_vargpt
+from vargpt.data.records import load_records
+from vargpt.pretrained import load_pretrained, save_pretrained
+from vargpt.training.loop import train
+from vargpt.training.stages import vargpt_stages
+
+logger = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a stage output folder holding one in ``model/``."""
+    p = Path(path)
+    return p / MODEL_SUBDIR if (p / MODEL_SUBDIR / "config.json").is_file() else p
+
+
+def stage_loss_fn(text_weight: float, image_weight: float):  # noqa: ANN201
+    """``loss_fn(model, batch)`` for :func:`vargpt.training.loop.train`."""
+
+    def loss_fn(model, batch) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        device = next(model.parameters()).device
+        out = model(batch.to(device), text_weight=text_weight, image_weight=image_weight)
+        return {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss,
+                "image_acc": out.image_accuracy}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def heldout_metrics(model, dataset: VARGPTDataset, *, batch_size: int = 32) -> dict[str, float]:  # noqa: ANN001
+    """Mean text CE, image CE and image-code accuracy (teacher forced) over ``dataset``."""
+    was_training = model.training
+    model.eval()
+    sums = {"text_loss": 0.0, "image_loss": 0.0, "image_code_accuracy": 0.0}
+    n_text = n_img = 0
+    for i in range(0, len(dataset), batch_size):
+        batch = collate_vargpt([dataset[j] for j in range(i, min(len(dataset), i + batch_size))],
+                               dataset.token_ids.pad)
+        out = model(batch)
+        sums["text_loss"] += float(out.text_loss) * out.text_tokens
+        sums["image_loss"] += float(out.image_loss) * out.image_tokens
+        sums["image_code_accuracy"] += float(out.image_accuracy) * out.image_tokens
+        n_text, n_img = n_text + out.text_tokens, n_img + out.image_tokens
+    model.train(was_training)
+    return {"text_loss": sums["text_loss"] / max(1, n_text), "image_loss": sums["image_loss"] / max(1, n_img),
+            "image_code_accuracy": sums["image_code_accuracy"] / max(1, n_img)}
+
+
+def train_stage(
+    stage: str,
+    *,
+    from_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    preset: str = "tiny",
+    max_steps: int | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    max_eval: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``stage`` ("stage1" | "stage2" | "stage3") of :func:`vargpt.training.stages.vargpt_stages`.
+
+    Args:
+        stage: which stage.
+        from_dir: the model to start from (a model directory or a previous stage's output folder).
+        data_dir: dataset in the README format (train split trains, test split gives held-out losses).
+        out_dir: output folder (see module docstring).
+        preset: stage recipe ("tiny" or "vargpt-v1-7b").
+        max_steps: override the recipe's step count.
+        resume: continue an interrupted run from ``out_dir/train/checkpoint``.
+        seed: data order and dropout seed.
+        max_eval: held-out records used for the held-out loss.
+        progress: progress bars.
+
+    Returns:
+        Metrics: train seconds, held-out loss before/after, image-code accuracy, trainable parameters.
+    """
+    specs = vargpt_stages(preset)
+    if stage not in specs:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(specs)}")
+    spec = specs[stage]
+    cfg = dataclasses.replace(spec.train, seed=seed, **({"max_steps": max_steps, "epochs": 0.0} if max_steps else {}))
+    out = Path(out_dir)
+    model, tokenizer = load_pretrained(resolve_model_dir(from_dir))
+    train_recs = spec.select(load_records(data_dir, "train"), seed)
+    test_recs = spec.select(load_records(data_dir, "test"), seed)[:max_eval]
+    if not train_recs:
+        raise ValueError(f"{stage}: the dataset has no records for this stage ({spec.description})")
+    logger.info("%s: %d train / %d held-out records", stage, len(train_recs), len(test_recs))
+    train_ds = VARGPTDataset(train_recs, tokenizer, model, progress=progress)
+    eval_ds = VARGPTDataset(test_recs, tokenizer, model, progress=progress) if test_recs else None
+    result = train(model, loss_fn=stage_loss_fn(cfg.text_loss_weight, cfg.image_loss_weight), train_data=train_ds,
+                   collate=partial(collate_vargpt, pad_id=model.token_ids.pad), cfg=cfg, out_dir=out / "train",
+                   eval_data=eval_ds, save_config=model.cfg.to_dict(), resume=resume, progress=progress)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.requires_grad_(True)
+    model.vae_local.requires_grad_(False)
+    save_pretrained(model, tokenizer, out / MODEL_SUBDIR)
+    metrics = {"stage": stage, **result.to_dict(), "trainable_parameters": n_trainable,
+               "train_records": len(train_recs)}
+    if eval_ds is not None:
+        metrics["heldout"] = heldout_metrics(model, eval_ds)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,104 @@
+"""The understanding half of VARGPT as a stand-alone LLaVA-1.5: vision tower + projector + LLM.
+
+Data flow (SPEC 3.1, 3.3): ``pixels_N3HW -> vision_tower -> feats_NPF -> projector -> embeds_NPD``,
+placed at the ``<image>`` slots of the text embeddings (each image expanded to P slots), then the
+causal LLM. This module is the forward pass only; the greedy answer loop is
+:mod:`vargpt.understanding.answer`, training is :mod:`vargpt.training.base_llava`.
+
+State-dict keys: ``vision_tower.model.vision_model...``, ``projector.linear_1/linear_2...``,
+``llm.model.model.layers...``, ``llm.model.lm_head...`` (HF LLaVA: ``model.vision_tower``,
+``model.multi_modal_projector``, ``model.language_model`` + ``lm_head``; see :func:`to_hf_llava_state`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vargpt.llm.backbone import BackboneOutput, LLMBackbone
+from vargpt.llm.merge import merge_image_features
+from vargpt.understanding.projector import UnderstandingProjector
+from vargpt.understanding.vision_tower import VisionTower
+
+__all__ = ["Llava", "to_hf_llava_state"]
+
+
+class Llava(nn.Module):
+    """Vision tower + understanding projector + LLM backbone, forward on ids with image slots."""
+
+    def __init__(
+        self, vision_tower: VisionTower, projector: UnderstandingProjector, llm: LLMBackbone, *,
+        image_token_id: int,
+    ) -> None:
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """P: LLM slots per image."""
+        return self.vision_tower.num_patches
+
+    def image_embeds(
+        self, pixels_N3HW: torch.Tensor | None = None, *, image_feats_NPF: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected image features ``(N, P, D)`` from pixels, or from precomputed tower features."""
+        if image_feats_NPF is None:
+            if pixels_N3HW is None:
+                raise ValueError("pass pixels_N3HW or image_feats_NPF")
+            image_feats_NPF = self.vision_tower(pixels_N3HW)
+        return self.projector(image_feats_NPF.to(self.llm.dtype))
+
+    def input_embeds(
+        self, ids_BT: torch.Tensor, *, pixels_N3HW: torch.Tensor | None = None,
+        image_feats_NPF: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text embeddings with the N images' embeddings at the ``<image>`` slots, ``(B, T, D)``."""
+        embeds_BTD = self.llm.embed(ids_BT)
+        if pixels_N3HW is None and image_feats_NPF is None:
+            D = embeds_BTD.shape[-1]
+            return merge_image_features(embeds_BTD, ids_BT, self.image_token_id,
+                                        embeds_BTD.new_zeros(0, self.num_image_tokens, D))
+        image_NPD = self.image_embeds(pixels_N3HW, image_feats_NPF=image_feats_NPF)
+        return merge_image_features(embeds_BTD, ids_BT, self.image_token_id, image_NPD)
+
+    def forward(
+        self,
+        ids_BT: torch.Tensor,
+        *,
+        pixels_N3HW: torch.Tensor | None = None,
+        image_feats_NPF: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,  # noqa: ANN001 - transformers Cache
+        use_cache: bool = False,
+        compute_logits: bool = True,
+    ) -> BackboneOutput:
+        """Logits over the text vocabulary for ``ids_BT`` (images given as pixels or tower features).
+
+        ``attention_mask``/``position_ids``/``cache`` as :meth:`LLMBackbone.forward`. When extending a
+        cache with text only, pass neither pixels nor features.
+        """
+        embeds_BTD = self.input_embeds(ids_BT, pixels_N3HW=pixels_N3HW, image_feats_NPF=image_feats_NPF)
+        return self.llm(embeds_BTD, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                        use_cache=use_cache, compute_logits=compute_logits)
+
+
+def to_hf_llava_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a :class:`Llava` state dict to HF ``LlavaForConditionalGeneration`` keys (transformers 5)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("vision_tower.model."):
+            new = "model.vision_tower." + key[len("vision_tower.model."):]
+        elif key.startswith("projector."):
+            new = "model.multi_modal_projector." + key[len("projector."):]
+        elif key.startswith("llm.model.model."):
+            new = "model.language_model." + key[len("llm.model.model."):]
+        elif key.startswith("llm.model.lm_head."):
+            new = "lm_head." + key[len("llm.model.lm_head."):]
+        else:
+            raise KeyError(f"unexpected Llava state key {key!r}")
+        out[new] = value
+    return out

@@ -1,0 +1,204 @@
+"""The VAR transformer used as VARGPT's visual decoder (SPEC sections 2 and 3.5-3.6).
+
+The module is split at the seam VARGPT needs (SPEC 3.6)::
+
+    embed side   condition(labels) -> cond_BC
+                 embed_tokens(cond_BC, x_BlZ) -> x_BLC         (teacher forcing, all scales)
+                 embed_start(cond_BC) / embed_scale(si, next_BlZ) (inference, one scale at a time)
+    ......................  class-conditional VAR: identity  |  VARGPT: gen-proj-in -> LLM -> gen-proj-out
+    block side   forward_blocks(h_BLC, cond_BC, attn_bias=..., cache=...) -> logits_BLK
+
+``forward(labels_B, x_BlZ)`` composes both sides for class-conditional teacher forcing.
+
+Parameter and buffer names mirror upstream's state dict (SPEC section 4, prefix ``vargpt_gen.``), so a
+VAR / VARGPT checkpoint loads strictly: ``word_embed``, ``class_emb``, ``pos_start``, ``pos_1LC``,
+``lvl_embed``, buffers ``lvl_1L`` and ``attn_bias_for_masking``, ``blocks.{i}.*``, ``head_nm.ada_lin.1``,
+``head``. Both buffers are persistent (as upstream) and fully determined by ``patch_nums``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from vargpt.config import VisualDecoderConfig, VQVAEConfig
+from vargpt.tokenizer.scales import scale_ids, scale_offsets
+from vargpt.visual_decoder.blocks import AdaLNBeforeHead, AdaLNSelfAttn
+from vargpt.visual_decoder.masks import block_causal_bias
+
+if TYPE_CHECKING:
+    from vargpt.generation.cache import DecoderKVCache
+
+
+class VisualDecoder(nn.Module):
+    """Class-conditional VAR transformer: next-scale logits over the VQ codebook.
+
+    Args:
+        cfg: transformer sizes and init (width C, depth, heads, num_classes ...).
+        vq: the tokenizer's config (patch_nums -> L and S; z_channels Z; vocab_size K).
+    """
+
+    def __init__(self, cfg: VisualDecoderConfig, vq: VQVAEConfig) -> None:
+        super().__init__()
+        self.cfg, self.vq = cfg, vq
+        self.patch_nums = tuple(vq.patch_nums)
+        self.offsets = scale_offsets(self.patch_nums)
+        C, L = cfg.width, vq.tokens_total
+        first_l = self.patch_nums[0] ** 2
+
+        # Embeddings (SPEC 2.2); the class table's last row is the unconditional class.
+        self.word_embed = nn.Linear(vq.z_channels, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
+        self.pos_start = nn.Parameter(torch.empty(1, first_l, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
+        self.lvl_embed = nn.Embedding(vq.num_scales, C)
+        self.register_buffer("lvl_1L", scale_ids(self.patch_nums).view(1, L))
+        self.register_buffer("attn_bias_for_masking", block_causal_bias(self.patch_nums).view(1, 1, L, L))
+
+        # Blocks with a linear stochastic-depth ramp 0 .. drop_path_rate (SPEC 2.1).
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(C, cfg.num_heads, cfg.mlp_hidden, l2_norm=cfg.attn_l2_norm,
+                          norm_eps=cfg.norm_eps, drop_path_rate=rate)
+            for rate in rates
+        )
+        self.head_nm = AdaLNBeforeHead(C, norm_eps=cfg.norm_eps)
+        self.head = nn.Linear(C, vq.vocab_size)
+        self.init_weights()
+
+    # ---- properties ------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes; the label ``num_classes`` is the unconditional class."""
+        return self.cfg.num_classes
+
+    @property
+    def uncond_label(self) -> int:
+        """Index of the unconditional row of ``class_emb``."""
+        return self.cfg.num_classes
+
+    # ---- init (SPEC 2.9) -------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter of this module as VAR's ``init_weights`` (SPEC 2.9).
+
+        Acts on this module only (no process-wide patching). ``trunc_normal_``'s bounds are absolute
+        (+-2), i.e. effectively untruncated at these stds, as upstream.
+        """
+        std, C = self.cfg.resolved_init_std, self.cfg.width
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=std, generator=generator)
+        self.head.weight.mul_(self.cfg.init_head)
+        self.head_nm.ada_lin[1].weight.mul_(self.cfg.init_adaln)
+        residual_div = math.sqrt(2 * self.cfg.depth)
+        for block in self.blocks:
+            block.attn.proj.weight.div_(residual_div)
+            block.ffn.fc2.weight.div_(residual_div)
+            block.attn.q_bias.zero_()
+            block.attn.v_bias.zero_()
+            if block.attn.l2_norm:
+                block.attn.scale_mul_1H11.fill_(math.log(4.0))
+            ada_w = block.ada_lin[1].weight
+            ada_w[: 2 * C].mul_(self.cfg.init_adaln_gamma)  # gamma1, gamma2
+            ada_w[2 * C:].mul_(self.cfg.init_adaln)  # scale1, scale2, shift1, shift2
+
+    # ---- embedding side --------------------------------------------------------------------------
+    def condition(self, labels_B: torch.Tensor) -> torch.Tensor:
+        """Class labels (B,) in [0, num_classes] -> condition vectors cond_BC (SOS and AdaLN input)."""
+        return self.class_emb(labels_B)
+
+    def lvl_pos_1LC(self) -> torch.Tensor:
+        """Level + absolute position embedding of every token, (1, L, C)."""
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+
+    def embed_start(self, cond_BC: torch.Tensor) -> torch.Tensor:
+        """Scale-0 tokens: cond + pos_start + lvl/pos of scale 0 -> x_BlC with l = pn_0^2 (SPEC 2.2)."""
+        begin, end = self.offsets[0]
+        return cond_BC[:, None, :] + self.pos_start + self.lvl_pos_1LC()[:, begin:end]
+
+    def embed_scale(self, si: int, next_BlZ: torch.Tensor) -> torch.Tensor:
+        """Tokens of scale ``si`` >= 1 from their VQ-space input (B, pn_si^2, Z) -> x_BlC."""
+        begin, end = self.offsets[si]
+        return self.word_embed(next_BlZ) + self.lvl_pos_1LC()[:, begin:end]
+
+    def embed_tokens(self, cond_BC: torch.Tensor, x_BlZ: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing input of all scales.
+
+        Args:
+            cond_BC: condition vectors (B, C).
+            x_BlZ: VQ-space inputs of scales 1..S-1, (B, L - pn_0^2, Z) (``teacher_forcing_input``).
+
+        Returns:
+            x_BLC: [cond + pos_start ; word_embed(x)] + lvl_embed + pos_1LC (SPEC 2.2).
+        """
+        start_BlC = cond_BC[:, None, :] + self.pos_start
+        x_BLC = torch.cat((start_BlC, self.word_embed(x_BlZ)), dim=1)
+        return x_BLC + self.lvl_pos_1LC()
+
+    # ---- block side ------------------------------------------------------------------------------
+    def forward_blocks(
+        self,
+        h_BLC: torch.Tensor,
+        cond_BC: torch.Tensor,
+        *,
+        attn_bias: torch.Tensor | None = None,
+        cache: DecoderKVCache | None = None,
+    ) -> torch.Tensor:
+        """Blocks + head_nm + head over per-token inputs.
+
+        Args:
+            h_BLC: per-token inputs (B, L, C): this module's own embeddings (class-conditional VAR) or
+                external ones (VARGPT: the LLM's states through the generation projector).
+            cond_BC: AdaLN condition (B, C).
+            attn_bias: additive bias broadcastable to (B, H, L, L_total); pass the block-causal
+                ``attn_bias_for_masking`` for several scales at once, None for one scale with a cache.
+            cache: per-block KV caches; keys/values of ``h_BLC`` are appended to them.
+
+        Returns:
+            logits_BLK over the codebook.
+        """
+        x_BLC = h_BLC
+        for i, block in enumerate(self.blocks):
+            x_BLC = block(x_BLC, cond_BC, attn_bias=attn_bias, cache=None if cache is None else cache[i])
+        return self.head(self.head_nm(x_BLC, cond_BC))
+
+    def causal_bias(self, length: int | None = None) -> torch.Tensor:
+        """Block-causal bias (1, 1, length, length) of the first ``length`` tokens (default all L)."""
+        bias = self.attn_bias_for_masking
+        return bias if length is None else bias[:, :, :length, :length]
+
+    # ---- class-conditional teacher forcing -------------------------------------------------------
+    def forward(self, labels_B: torch.Tensor, x_BlZ: torch.Tensor) -> torch.Tensor:
+        """Class-conditional teacher forcing over all scales (SPEC 2.8).
+
+        In training mode each label is replaced by the unconditional class with probability
+        ``cond_drop_rate`` (for classifier-free guidance); unlike upstream, never in eval mode.
+
+        Args:
+            labels_B: class indices (B,) in [0, num_classes].
+            x_BlZ: teacher-forcing inputs (B, L - pn_0^2, Z).
+
+        Returns:
+            logits_BLK, to be compared with the concatenated ground-truth codes gt_BL.
+        """
+        if self.training and self.cfg.cond_drop_rate > 0:
+            drop_B = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.cond_drop_rate
+            labels_B = torch.where(drop_B, torch.full_like(labels_B, self.uncond_label), labels_B)
+        cond_BC = self.condition(labels_B)
+        x_BLC = self.embed_tokens(cond_BC, x_BlZ)
+        return self.forward_blocks(x_BLC, cond_BC, attn_bias=self.attn_bias_for_masking)
+
+    def extra_repr(self) -> str:
+        return (f"depth={self.cfg.depth}, width={self.cfg.width}, heads={self.cfg.num_heads}, "
+                f"patch_nums={self.patch_nums}, vocab={self.vq.vocab_size}")
