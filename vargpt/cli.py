@@ -54,6 +54,44 @@ def _recipe(a: argparse.Namespace) -> None:
                            progress=not a.quiet))
 
 
+def _train(a: argparse.Namespace) -> None:
+    what, common = a.what, {"preset": a.preset, "progress": not a.quiet}
+    if what == "tokenizer":
+        from vargpt.training.tokenizer_trainer import train_tokenizer
+
+        result = train_tokenizer(data_dir=a.data, out_dir=a.out, max_steps=a.steps, resume=a.resume, seed=a.seed,
+                                 **common)
+    elif what == "decoder":
+        from vargpt.training.decoder_trainer import train_decoder
+
+        result = train_decoder(data_dir=a.data, tokenizer_dir=_need(a, "tokenizer"), out_dir=a.out,
+                               max_steps=a.steps, resume=a.resume, seed=a.seed, **common)
+    elif what == "base":
+        from vargpt.training.base_models import train_base_models
+
+        result = train_base_models(a.data, a.out, preset=a.preset, progress=not a.quiet)
+    elif what == "assemble":
+        from vargpt.training.assemble import assemble_vargpt
+
+        result = assemble_vargpt(llava_dir=_need(a, "llava"), vqvae_dir=_need(a, "tokenizer"),
+                                 decoder_dir=_need(a, "decoder"), out_dir=a.out, preset=a.preset, seed=a.seed)
+    else:
+        from vargpt.training.vargpt_trainer import train_stage
+
+        result = train_stage(what, from_dir=_need(a, "from_dir"), data_dir=a.data, out_dir=a.out,
+                             max_steps=a.steps, resume=a.resume, seed=a.seed, **common)
+    _print_json(result)
+
+
+def _need(a: argparse.Namespace, name: str) -> Path:
+    value = getattr(a, name)
+    if value is None:
+        from vargpt.config import ConfigError
+
+        raise ConfigError(f"vargpt train {a.what} needs --{name.replace('_dir', '').replace('_', '-')} DIR")
+    return value
+
+
 # --------------------------------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------------------------------
@@ -81,6 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--splits", nargs="+", default=["train", "test"])
     s.set_defaults(func=_data_validate)
 
+    # vargpt train ...
+    s = sub.add_parser("train", help="train one piece: tokenizer, decoder, base models, or a VARGPT stage")
+    s.add_argument("what", choices=["tokenizer", "decoder", "base", "assemble", "stage1", "stage2", "stage3"],
+                   help="tokenizer: VQ-VAE; decoder: class-conditional VAR; base: tiny LLaVA (text tokenizer, "
+                        "LLM, vision tower, alignment, instruction tuning); assemble: VARGPT from its parts; "
+                        "stageN: VARGPT stage N")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--data", type=Path, help="dataset folder (README format)")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--from", dest="from_dir", type=Path, help="stageN: model to start from (previous stage)")
+    s.add_argument("--tokenizer", type=Path, help="decoder/assemble: trained VQ-VAE folder")
+    s.add_argument("--decoder", type=Path, help="assemble: trained visual decoder folder")
+    s.add_argument("--llava", type=Path, help="assemble: trained base LLaVA folder (base/llava)")
+    s.add_argument("--steps", type=int, default=None, help="override the recipe's optimiser steps")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_train)
+
     # vargpt config
     s = sub.add_parser("config", help="print a preset's full configuration as JSON")
     s.add_argument("--preset", default="tiny")
@@ -95,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_recipe)
 
-    # vargpt eval / feature-net
+    # vargpt chat / generate / eval / feature-net (parser builders live next to their implementations)
     from vargpt.evaluation.run import add_eval_parser, add_feature_net_parser
+    from vargpt.generation.cli_commands import add_chat_parser, add_generate_parser
+
+    add_chat_parser(sub)
+    add_generate_parser(sub)
 
     add_eval_parser(sub)
     add_feature_net_parser(sub)

@@ -323,7 +323,8 @@ class SamplingConfig:
     cfg_schedule: Literal["linear", "constant"] = "linear"
     """'linear': t = cfg * k / (S-1) as VAR; 'constant': t = cfg at every scale."""
     cfg_mode: Literal["noise", "uncond_class"] = "noise"
-    """Unconditional branch: Gaussian-noise LLM states (paper) or the unconditional class row."""
+    """Unconditional half of CFG: 'noise' = Gaussian-noise LLM states (paper); 'uncond_class' = the LLM's
+    states on a prompt-free context (empty user turn) fed the same image tokens."""
     top_k: int = 900
     """Image-code top-k (0 = off); ties at the threshold are kept."""
     top_p: float = 0.96

@@ -146,9 +146,9 @@ def _step_feature_net(ctx: RunContext) -> dict[str, Any]:
 
 
 def _step_eval(ctx: RunContext) -> dict[str, Any]:
-    from vargpt.evaluation.run import evaluate_model
-
     import shutil
+
+    from vargpt.evaluation.run import evaluate_model
 
     curves = sorted(ctx.out.glob("*/train/loss.png")) + sorted(ctx.out.glob("*/loss.png"))
     result = evaluate_model(ctx.out / "final", ctx.data_dir, out=ctx.out / "eval" / "metrics.json",

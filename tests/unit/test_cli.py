@@ -9,7 +9,7 @@ from vargpt.cli import build_parser, main
 def test_subcommand_table():
     p = build_parser()
     sub = next(a for a in p._actions if a.dest == "command")
-    assert {"data", "config", "pipeline"} <= set(sub.choices)
+    assert {"data", "config", "pipeline", "train", "chat", "generate", "eval"} <= set(sub.choices)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["data", "--help"], ["pipeline", "--help"]])
@@ -30,3 +30,8 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "vargpt.cli", "config", "--preset", "tiny"],
                          capture_output=True, text=True, check=True).stdout
     assert '"name": "tiny"' in out
+
+
+def test_train_stage_without_from_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "stage1", "--out", str(tmp_path / "o"), "--data", str(tmp_path)]) == 2
+    assert "needs --from DIR" in capsys.readouterr().err

@@ -35,7 +35,7 @@ from typing import Any
 
 from vargpt.generation.errors import GENERATION_ERRORS, GenerationInputError, OutputDirError
 
-__all__ = ["add_chat_parser", "add_generate_parser", "main", "run_chat", "run_generate"]
+__all__ = ["add_chat_parser", "add_generate_parser", "run_chat", "run_generate"]
 
 DEFAULT_CHAT_OUT = Path("vargpt_out")
 
@@ -284,30 +284,3 @@ def _repl(session: _ChatSession, pending: list[Path]) -> None:
                 pending = []
         except (*USER_ERRORS, *GENERATION_ERRORS) as e:  # report and keep the session going
             _write(f"error: {e}\n", sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m vargpt.generation.cli_commands``) with ``vargpt``'s error handling."""
-    import logging
-
-    parser = argparse.ArgumentParser(prog="vargpt")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_chat_parser(sub)
-    add_generate_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from vargpt.errors import USER_ERRORS
-
-    try:
-        args.func(args)
-    except (*USER_ERRORS, *GENERATION_ERRORS) as e:
-        _write(f"error: {e}\n", sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        _write("interrupted\n", sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,6 +35,13 @@ def vqvae_config_from_dict(data: dict[str, Any]) -> VQVAEConfig:
     return VQVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def norm_groups(cfg: VQVAEConfig) -> int:
+    """GroupNorm groups of the encoder/decoder: ``cfg.norm_groups`` (0 = no norm); 32 (VAR) if absent."""
+    # Transitional: VQVAEConfig.norm_groups is requested from config.py's owner; until it exists,
+    # every config means VAR's 32 groups.
+    return int(getattr(cfg, "norm_groups", 32))
+
+
 class MultiScaleVQVAE(nn.Module):
     """Encoder + quant_conv + multi-scale quantizer + post_quant_conv + decoder (SPEC 1.1-1.10)."""
 
@@ -42,7 +49,8 @@ class MultiScaleVQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         arch = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
-                    z_channels=cfg.z_channels, use_attn=cfg.use_attn, dropout=cfg.dropout)
+                    z_channels=cfg.z_channels, use_attn=cfg.use_attn, dropout=cfg.dropout,
+                    norm_groups=norm_groups(cfg))
         self.encoder = Encoder(**arch)
         self.decoder = Decoder(**arch)
         self.quantize = MultiScaleQuantizer.from_config(cfg)

@@ -34,7 +34,7 @@ from vargpt.data.collate import encode_record, pad_samples
 from vargpt.data.records import DatasetError, Record, load_image
 from vargpt.llm.backbone import LLMBackbone
 from vargpt.special_tokens import SpecialTokenIds
-from vargpt.training.base_text import _load_split, load_llm, load_text_tokenizer, next_token_loss, run_metrics
+from vargpt.training.base_text import load_llm, load_split, load_text_tokenizer, next_token_loss, run_metrics
 from vargpt.training.base_vision import load_vision_tower
 from vargpt.training.checkpoint import load_checkpoint
 from vargpt.training.loop import train
@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 ALIGN_TRAIN = TrainConfig(name="base-align", trainable=("projector.*",), lr=3e-3, weight_decay=0.0,
                           warmup_ratio=0.1, batch_size=32, max_steps=40, grad_clip=1.0)
 """Default recipe of :func:`train_alignment` (LLaVA-1.5 stage 1: projector only, high lr)."""
-INSTRUCT_TRAIN = TrainConfig(name="base-instruct", trainable=("projector.*", "llm.*"), lr=1e-3,
+INSTRUCT_TRAIN = TrainConfig(name="base-instruct", trainable=("projector.*", "llm.*"), lr=2e-3,
                              weight_decay=0.0, warmup_ratio=0.05, min_lr_ratio=0.05, batch_size=32,
-                             max_steps=200, grad_clip=1.0)
+                             max_steps=300, grad_clip=1.0)
 """Default recipe of :func:`train_instruct` (LLaVA-1.5 stage 2: projector + LLM)."""
 
 
@@ -207,7 +207,7 @@ def _run(model: Llava, tokenizer: Any, processor: ImageProcessor, vt_cfg: Vision
     cfg = VARGPTConfig.from_name(preset)
     if data is None:
         data = build_understanding_data(
-            _load_split(data_dir, "train"), _load_split(data_dir, "test"), tokenizer, model.vision_tower,
+            load_split(data_dir, "train"), load_split(data_dir, "test"), tokenizer, model.vision_tower,
             processor, system_prompt=cfg.chat.system_prompt,
             max_length=model.llm.model.config.max_position_embeddings)
     train_data, eval_data = data

@@ -68,7 +68,8 @@ def corpus_texts(records: Iterable[Record], system_prompt: str) -> list[str]:
     return ["".join(conversation_segments(r, system_prompt)) for r in records]
 
 
-def _load_split(data_dir: str | Path, split: str) -> list[Record]:
+def load_split(data_dir: str | Path, split: str) -> list[Record]:
+    """Records of ``split`` (images not checked); a missing non-train split gives ``[]``."""
     try:
         return load_records(data_dir, split, check_images=False)
     except DatasetError:
@@ -181,7 +182,7 @@ def _lm_loss(model: LLMBackbone, ids_BT: torch.Tensor) -> dict[str, torch.Tensor
 
 
 LLM_TRAIN = TrainConfig(name="base-llm", lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_ratio=0.1,
-                        min_lr_ratio=0.1, batch_size=16, max_steps=100, grad_clip=1.0)
+                        min_lr_ratio=0.1, batch_size=16, max_steps=40, grad_clip=1.0)
 """Default recipe of :func:`train_llm` (tiny model, high lr, short cosine)."""
 
 
@@ -223,10 +224,10 @@ def train_llm(
     torch.manual_seed(tcfg.seed)
     model = LLMBackbone.from_config(llm_cfg)
     pack = dict(tokenizer=tokenizer, seq_len=seq_len, system_prompt=cfg.chat.system_prompt)
-    train_data = pack_token_stream(_load_split(data_dir, "train"), **pack)
+    train_data = pack_token_stream(load_split(data_dir, "train"), **pack)
     if not train_data:
         raise DatasetError(f"{data_dir}: not enough text for one sequence of {seq_len} tokens")
-    eval_data = pack_token_stream(_load_split(data_dir, "test"), **pack)[:64] or train_data[:64]
+    eval_data = pack_token_stream(load_split(data_dir, "test"), **pack)[:64] or train_data[:64]
     save_config = {"kind": "llm", "preset": preset, "hf_config": model.hf_config_dict()}
     result = train(model, loss_fn=_lm_loss, train_data=train_data, collate=torch.stack, cfg=tcfg,
                    out_dir=out_dir, eval_data=eval_data, save_config=save_config, resume=resume,

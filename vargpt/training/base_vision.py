@@ -22,7 +22,7 @@ import torch
 
 from vargpt.config import TrainConfig, VARGPTConfig, VisionTowerConfig
 from vargpt.data.records import DatasetError, Record, load_image
-from vargpt.training.base_text import _load_split, load_text_tokenizer, run_metrics, strip_placeholders
+from vargpt.training.base_text import load_split, load_text_tokenizer, run_metrics, strip_placeholders
 from vargpt.training.checkpoint import load_checkpoint
 from vargpt.training.loop import train
 from vargpt.understanding.contrastive import ContrastiveModel, TextEncoder
@@ -31,7 +31,7 @@ from vargpt.understanding.vision_tower import ImageProcessor, VisionTower
 logger = logging.getLogger(__name__)
 
 VISION_TRAIN = TrainConfig(name="base-vision", lr=2e-3, weight_decay=0.1, betas=(0.9, 0.98), warmup_ratio=0.1,
-                           min_lr_ratio=0.1, batch_size=128, max_steps=60, grad_clip=1.0)
+                           min_lr_ratio=0.1, batch_size=128, max_steps=200, grad_clip=1.0)
 """Default recipe of :func:`train_vision_tower`."""
 
 
@@ -193,7 +193,7 @@ def train_vision_tower(
     tcfg = dataclasses.replace(train_cfg or VISION_TRAIN, **overrides)
     tokenizer = load_text_tokenizer(tokenizer_dir)
     processor = ImageProcessor.from_config(vt_cfg)
-    train_data, eval_data = build_pairs(_load_split(data_dir, "train"), _load_split(data_dir, "test"),
+    train_data, eval_data = build_pairs(load_split(data_dir, "train"), load_split(data_dir, "test"),
                                         tokenizer, processor, max_text_len=max_text_len)
     torch.manual_seed(tcfg.seed)
     text_encoder = TextEncoder(len(tokenizer), width=text_width, depth=text_depth, max_len=max_text_len)

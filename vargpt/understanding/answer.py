@@ -62,6 +62,7 @@ def greedy_generate(
     out = model(ids_BT, pixels_N3HW=pixels_N3HW, image_feats_NPF=image_feats_NPF,
                 attention_mask=padding_mask_BT, use_cache=True, compute_logits=False)
     cache, mask = out.cache, padding_mask_BT
+    pos_B1 = padding_mask_BT.long().sum(1, keepdim=True) - 1  # RoPE position of the last prompt token
     next_B = model.llm.logits(out.hidden_BTD[:, -1]).argmax(-1)
     done_B = torch.zeros(B, dtype=torch.bool, device=ids_BT.device)
     steps: list[torch.Tensor] = []
@@ -70,8 +71,9 @@ def greedy_generate(
         steps.append(torch.where(done_B, torch.full_like(next_B, eos_id), next_B))
         if bool(done_B.all()) or i == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        out = model(next_B[:, None], attention_mask=mask, cache=cache, compute_logits=True)
+        mask, pos_B1 = torch.cat([mask, mask.new_ones(B, 1)], dim=1), pos_B1 + 1
+        # text-only step: straight to the backbone (no image slots to merge)
+        out = model.llm(model.llm.embed(next_B[:, None]), attention_mask=mask, position_ids=pos_B1, cache=cache)
         cache, next_B = out.cache, out.logits_BTV[:, -1].argmax(-1)
     gen_BN = torch.stack(steps, dim=1).tolist()
     return [row[:row.index(eos_id)] if eos_id in row else row for row in gen_BN]

@@ -5,7 +5,7 @@ placed at the ``<image>`` slots of the text embeddings (each image expanded to P
 causal LLM. This module is the forward pass only; the greedy answer loop is
 :mod:`vargpt.understanding.answer`, training is :mod:`vargpt.training.base_llava`.
 
-State-dict keys: ``vision_tower.model.vision_model...``, ``projector.linear_1/linear_2...``,
+State-dict keys: ``vision_tower.model.encoder...``, ``projector.linear_1/linear_2...``,
 ``llm.model.model.layers...``, ``llm.model.lm_head...`` (HF LLaVA: ``model.vision_tower``,
 ``model.multi_modal_projector``, ``model.language_model`` + ``lm_head``; see :func:`to_hf_llava_state`).
 """

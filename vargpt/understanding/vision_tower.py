@@ -5,7 +5,7 @@ penultimate encoder layer's output) with the CLS token dropped ("default" select
 image gives P = (image_size / patch_size)^2 feature vectors of width F.
 
 State-dict naming: attribute ``model`` is the ``CLIPVisionModel``; keys read
-``model.vision_model.encoder.layers.0...`` (HF keys prefixed with ``model.``).
+``model.encoder.layers.0...`` (the HF keys of transformers 5, prefixed with ``model.``).
 
 :class:`ImageProcessor` does CLIP's preprocessing (resize shorter side bicubic, centre-crop, scale to
 [0, 1], normalise with the config mean/std) in torch. It accepts PIL images (anything with

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vargpt.config import VARGPTConfig, VQVAEConfig
-from vargpt.tokenizer.autoencoder import AttnBlock, Downsample
+from vargpt.tokenizer.autoencoder import AttnBlock, Decoder, Downsample, Encoder, num_groups
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
 
 
@@ -185,3 +185,16 @@ def test_save_and_from_pretrained(tmp_path):
         .patch_nums == (1, 2)
     with pytest.raises(ValueError, match="unknown"):
         vqvae_config_from_dict({"bogus": 1})
+
+
+def test_group_counts():
+    assert [num_groups(c) for c in (160, 320, 640)] == [32, 32, 32]  # VAR's widths keep 32 groups
+    assert [num_groups(c) for c in (16, 32, 48, 64)] == [4, 8, 12, 16]  # >= 4 channels per group
+
+
+def test_norm_groups_zero_removes_norms():
+    enc = Encoder(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, use_attn=True, norm_groups=0)
+    dec = Decoder(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, use_attn=True, norm_groups=0)
+    assert not any("norm" in k for k in list(enc.state_dict()) + list(dec.state_dict()))
+    z = enc(torch.randn(2, 3, 8, 8))
+    assert z.shape == (2, 8, 4, 4) and dec(z).shape == (2, 3, 8, 8)

@@ -1,0 +1,81 @@
+"""Base models: the text tokenizer round-trips; each training step lowers its held-out loss (slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vargpt.special_tokens import ADDED_TOKENS, BOS, EOS, IMAGE, PAD, escape
+from vargpt.training.base_text import build_bpe_tokenizer, load_text_tokenizer, strip_placeholders
+
+CORPUS = [
+    "USER: What colour is the circle? ASSISTANT: red</s>",
+    "USER: Describe the image briefly. ASSISTANT: a large blue square on the left</s>",
+    "USER: Draw a small green star. ASSISTANT: Here it is.",
+] * 20
+
+
+def test_tokenizer_round_trips_and_keeps_special_tokens_atomic(tmp_path):
+    tok = build_bpe_tokenizer(CORPUS, vocab_size=300)
+    tok.save_pretrained(str(tmp_path))
+    tok = load_text_tokenizer(tmp_path)
+    assert [tok.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS)] == [0, 1, 2]
+    assert tok.pad_token_id == 0 and tok.eos_token_id == 2 and tok.bos_token_id == 1
+    for special in ADDED_TOKENS + (EOS,):
+        ids = tok.encode(f"a{special}b", add_special_tokens=False)
+        assert tok.convert_tokens_to_ids(special) in ids and len(tok.convert_ids_to_tokens(ids)) == 3
+    for text in ["USER: <image>\nWhat colour is the circle? ASSISTANT: red</s>", "Ünïcödé  spaces\ttabs\n",
+                 escape("typed <image> by a user"), ""]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids(IMAGE) not in tok.encode(escape("<image>"), add_special_tokens=False)
+    assert tok.encode("red", add_special_tokens=False) == tok("red", add_special_tokens=False).input_ids
+
+
+def test_strip_placeholders():
+    assert strip_placeholders("<image>\nWhat is it?") == "What is it?"
+    assert strip_placeholders("Here.<image_gen> Done") == "Here. Done"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from vargpt.data.shapesworld.generate import write_dataset
+
+    root = tmp_path_factory.mktemp("base")
+    write_dataset(root / "data", n_train=80, n_test=12, seed=0, progress=False)
+    return root
+
+
+@pytest.mark.slow
+def test_each_base_step_lowers_its_loss(tiny_data):
+    from vargpt.data.records import load_records
+    from vargpt.evaluation.understanding import evaluate_vqa
+    from vargpt.training.base_models import load_llava, train_base_models
+
+    torch.set_num_threads(1)
+    fast = {"progress": False}
+    m = train_base_models(tiny_data / "data", tiny_data / "run", resume=False, **fast, step_overrides={
+        "llm": {"max_steps": 15, "batch_size": 8},
+        "vision": {"max_steps": 15, "batch_size": 32, "tower_overrides": {"patch_size": 8}},
+        "align": {"max_steps": 10, "batch_size": 8},
+        "instruct": {"max_steps": 15, "batch_size": 8},
+    })
+    assert m["tokenizer"]["round_trip"]
+    for step in ("llm", "vision", "align", "instruct"):
+        assert m[step]["loss_after"] < m[step]["loss_before"], (step, m[step])
+    model, tok, proc, _ = load_llava(tiny_data / "run" / "llava")
+    result = evaluate_vqa(model, tok, proc, load_records(tiny_data / "data", "test"), max_new_tokens=4)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] > 0
+
+
+@pytest.mark.slow
+def test_llm_step_resumes_from_its_checkpoint(tiny_data):
+    from vargpt.training.base_text import train_llm, train_text_tokenizer
+
+    torch.set_num_threads(1)
+    train_text_tokenizer(tiny_data / "data", tiny_data / "tok2")
+    kw = {"max_steps": 6, "batch_size": 4, "progress": False}
+    first = train_llm(tiny_data / "data", tiny_data / "tok2", tiny_data / "llm2", resume=False, **kw)
+    again = train_llm(tiny_data / "data", tiny_data / "tok2", tiny_data / "llm2", resume=True, **kw)
+    assert again["steps"] == first["steps"] == 6
+    assert again["loss_after"] == pytest.approx(first["loss_after"], abs=1e-6)

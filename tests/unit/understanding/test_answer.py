@@ -1,0 +1,55 @@
+"""The greedy KV-cached answer loop: equals step-by-step full recomputation; batching/left padding is neutral."""
+
+from __future__ import annotations
+
+import torch
+
+from vargpt.config import LLMConfig, VisionTowerConfig
+from vargpt.llm.backbone import LLMBackbone
+from vargpt.llm.merge import expand_image_tokens
+from vargpt.understanding.answer import greedy_generate, left_pad
+from vargpt.understanding.llava import Llava
+from vargpt.understanding.projector import UnderstandingProjector
+from vargpt.understanding.vision_tower import VisionTower
+
+VT = VisionTowerConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=4, projection_dim=16)
+IMG, EOS = 39, 2
+
+
+def _model(arch: str = "llama") -> Llava:
+    torch.manual_seed(0)
+    llm = LLMBackbone.from_config(LLMConfig(architecture=arch, vocab_size=40, hidden_size=24, intermediate_size=48,
+                                            num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64))
+    return Llava(VisionTower.from_config(VT), UnderstandingProjector(32, 24), llm, image_token_id=IMG).eval()
+
+
+def _reference(model: Llava, ids: list[int], pixels: torch.Tensor, n: int) -> list[int]:
+    """Greedy decoding by full recomputation (no cache)."""
+    seq = list(ids)
+    out = []
+    for _ in range(n):
+        logits = model(torch.tensor([seq]), pixels_N3HW=pixels).logits_BTV
+        nxt = int(logits[0, -1].argmax())
+        if nxt == EOS:
+            break
+        out.append(nxt)
+        seq.append(nxt)
+    return out
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_cached_batched_greedy_equals_recomputation():
+    for arch in ("llama", "qwen2"):
+        model = _model(arch)
+        prompts = [expand_image_tokens([1, IMG, 5, 6, 7, 8], IMG, 4), expand_image_tokens([1, IMG, 9], IMG, 4)]
+        pixels = torch.randn(2, 3, 16, 16)
+        ids, mask = left_pad(prompts, pad_id=0)
+        with torch.no_grad():
+            got = greedy_generate(model, ids, mask, pixels_N3HW=pixels, eos_id=EOS, max_new_tokens=6)
+            want = [_reference(model, p, pixels[i:i + 1], 6) for i, p in enumerate(prompts)]
+        assert got == want
