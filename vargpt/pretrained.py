@@ -35,14 +35,23 @@ def load_tokenizer(path: str | Path):  # noqa: ANN201 - PreTrainedTokenizerFast
         raise CheckpointError(f"no text tokenizer in {path}: {e}") from e
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a training-stage output folder holding one in ``model/``."""
+    p = Path(path)
+    return p / "model" if (p / "model" / "config.json").is_file() else p
+
+
 def load_pretrained(model_dir: str | Path, *, device: str | torch.device = "cpu"):  # noqa: ANN201
     """Return ``(model, tokenizer)`` from a directory written by :func:`save_pretrained`.
+
+    ``model_dir`` may also be a stage output folder (``vargpt train stageN --out DIR``): its ``model/``.
 
     Raises:
         CheckpointError: the directory is not a complete VARGPT checkpoint.
     """
     from vargpt.model import VARGPT
 
+    model_dir = resolve_model_dir(model_dir)
     state, config, _ = load_checkpoint(model_dir, with_trainer_state=False)
     cfg = VARGPTConfig.from_dict(config)
     tokenizer = load_tokenizer(model_dir)

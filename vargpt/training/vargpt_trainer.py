@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,6 @@ from vargpt.training.stages import vargpt_stages
 logger = logging.getLogger(__name__)
 
 MODEL_SUBDIR = "model"
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, or a stage output folder holding one in ``model/``."""
-    p = Path(path)
-    return p / MODEL_SUBDIR if (p / MODEL_SUBDIR / "config.json").is_file() else p
 
 
 def stage_loss_fn(text_weight: float, image_weight: float):  # noqa: ANN201
@@ -101,9 +96,11 @@ def train_stage(
     spec = specs[stage]
     cfg = dataclasses.replace(spec.train, seed=seed, **({"max_steps": max_steps, "epochs": 0.0} if max_steps else {}))
     out = Path(out_dir)
-    model, tokenizer = load_pretrained(resolve_model_dir(from_dir))
+    model, tokenizer = load_pretrained(from_dir)
     train_recs = spec.select(load_records(data_dir, "train"), seed)
-    test_recs = spec.select(load_records(data_dir, "test"), seed)[:max_eval]
+    test_recs = spec.select(load_records(data_dir, "test"), seed)
+    # A seeded sample, not the head: a stage's selection is grouped by kind (understanding first).
+    test_recs = random.Random(seed).sample(test_recs, min(max_eval, len(test_recs)))
     if not train_recs:
         raise ValueError(f"{stage}: the dataset has no records for this stage ({spec.description})")
     logger.info("%s: %d train / %d held-out records", stage, len(train_recs), len(test_recs))
