@@ -573,7 +573,7 @@ def _tiny() -> VARGPTConfig:
             init_adaln_gamma=1e-3,
         ),
         vision_tower=VisionTowerConfig(
-            image_size=32, patch_size=8, hidden_size=128, intermediate_size=512, num_layers=3,
+            image_size=32, patch_size=4, hidden_size=128, intermediate_size=512, num_layers=3,
             num_heads=4, projection_dim=128, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
         ),
         llm=LLMConfig(
