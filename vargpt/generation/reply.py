@@ -42,6 +42,7 @@ from vargpt.generation.text import LLMContext, next_tokens
 from vargpt.generation.vargpt_step import VARGPTScaleStep
 from vargpt.llm.merge import merge_image_features
 from vargpt.special_tokens import IMAGE_GEN
+from vargpt.understanding.answer import left_pad
 from vargpt.understanding.vision_tower import ImageProcessor
 
 __all__ = ["Event", "ImageDone", "ImagePreview", "ReplyDone", "ReplyOptions", "Response", "TextDelta",
@@ -135,18 +136,6 @@ class ReplyOptions:
 # --------------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------------
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into ``(ids_BT, mask_BT)`` (mask 1 = token)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, T - len(s):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
