@@ -225,11 +225,18 @@ def _collect_metrics(steps: dict[str, Any], *, preset: str, seed: int, total: fl
 
     import vargpt
 
+    results = {k: v["result"] for k, v in steps.items()}
+    ev, tok = results.get("eval", {}), results.get("tokenizer", {})
     return {
+        "understanding_accuracy": ev.get("understanding_accuracy"),
+        "generation_accuracy": ev.get("generation_accuracy"),
+        "tokenizer_oracle_accuracy": tok.get("oracle_accuracy"),
+        "tokenizer_psnr": tok.get("psnr"),
+        "fid": ev.get("fid"),
         "preset": preset,
         "seed": seed,
         "steps": {k: v["wall_seconds"] for k, v in steps.items()},
-        "results": {k: v["result"] for k, v in steps.items()},
+        "results": results,
         "total_wall_seconds_this_invocation": total,
         "total_wall_seconds": round(sum(v["wall_seconds"] for v in steps.values()), 2),
         "versions": {"vargpt": vargpt.__version__, "torch": torch.__version__,

@@ -97,8 +97,10 @@ class VisualDecoder(nn.Module):
             elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+        # Upstream initialises the position parameters in its constructor with sqrt(1/(3C)) whatever
+        # init_std is (init_weights never touches them).
         for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=std, generator=generator)
+            nn.init.trunc_normal_(p, std=math.sqrt(1 / (3 * C)), generator=generator)
         self.head.weight.mul_(self.cfg.init_head)
         self.head_nm.ada_lin[1].weight.mul_(self.cfg.init_adaln)
         residual_div = math.sqrt(2 * self.cfg.depth)
