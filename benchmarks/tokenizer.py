@@ -19,47 +19,22 @@ from pathlib import Path
 
 import torch
 
-from vargpt.data.records import image_to_tensor, load_image, load_records, tensor_to_image
+from vargpt.data.records import load_records
 from vargpt.data.shapesworld.generate import load_world, write_dataset
-from vargpt.data.shapesworld.oracle import judge
+from vargpt.evaluation.tokenizer import tokenizer_oracle_scores
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE
 from vargpt.training.tokenizer_trainer import train_tokenizer
 
 
-def one_object_test_images(data_dir: Path) -> list[tuple[Path, dict]]:
-    """(image path, its single object's attributes) for every distinct one-object test image."""
-    seen: dict[Path, dict] = {}
-    for r in load_records(data_dir, "test"):
-        objects = r.meta.get("objects", [])
-        if len(r.images) == 1 and len(objects) == 1:
-            seen.setdefault(r.images[0], objects[0])
-    return list(seen.items())
-
-
-@torch.no_grad()
 def oracle_scores(model: MultiScaleVQVAE, data_dir: Path, limit: int) -> dict:
     """Oracle colour+shape accuracy on reconstructions and on originals of one-object test images."""
-    world = load_world(data_dir)
-    items = one_object_test_images(data_dir)[:limit]
-    size = model.cfg.image_size
-    x = torch.stack([image_to_tensor(load_image(p, size)) for p, _ in items])
-    recon = torch.cat([model.reconstruct(x[i:i + 128]) for i in range(0, len(items), 128)])
-    keys = ("colour", "shape", "colour+shape")
-    rec_hits = dict.fromkeys(keys, 0)
-    orig_hits = dict.fromkeys(keys, 0)
-    for (_, obj), xr, xo in zip(items, recon, x, strict=True):
-        expected = {"colour": obj["colour"], "shape": obj["shape"]}
-        r, o = judge(tensor_to_image(xr), expected, world), judge(tensor_to_image(xo), expected, world)
-        for k in keys:
-            rec_hits[k] += int(r[k])
-            orig_hits[k] += int(o[k])
-    n = max(len(items), 1)
+    scores = tokenizer_oracle_scores(model, load_records(data_dir, "test"), load_world(data_dir), limit=limit)
     return {
-        "oracle_accuracy": rec_hits["colour+shape"] / n,
-        "oracle_colour_accuracy": rec_hits["colour"] / n,
-        "oracle_shape_accuracy": rec_hits["shape"] / n,
-        "oracle_accuracy_original": orig_hits["colour+shape"] / n,
-        "oracle_images": len(items),
+        "oracle_accuracy": scores["tokenizer_oracle_accuracy"],
+        "oracle_colour_accuracy": scores["tokenizer_oracle_colour"],
+        "oracle_shape_accuracy": scores["tokenizer_oracle_shape"],
+        "oracle_accuracy_original": scores["tokenizer_oracle_original"],
+        "oracle_images": scores["tokenizer_oracle_n"],
     }
 
 
@@ -68,7 +43,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="existing ShapesWorld folder (default: generate)")
     ap.add_argument("--out", type=Path, default=None, help="checkpoint dir (default: temp)")
     ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)

@@ -51,7 +51,18 @@ def _recipe(a: argparse.Namespace) -> None:
     from vargpt.recipe import run_recipe
 
     _print_json(run_recipe(out_dir=a.out, preset=a.preset, data_dir=a.data, seed=a.seed,
-                           progress=not a.quiet))
+                           progress=not a.quiet, smoke=a.smoke))
+
+
+def _ablate(a: argparse.Namespace) -> None:
+    from vargpt.ablation import run_ablation
+
+    result = run_ablation(out_dir=a.out, preset=a.preset, data_dir=a.data, from_run=a.from_run,
+                          max_steps=a.max_steps, seed=a.seed, max_understanding=a.max_understanding,
+                          max_generation=a.max_generation, progress=not a.quiet)
+    print(result["table"])
+    print(f"written: {Path(a.out) / 'ablation.json'}")
+    print(f"reproduce: {result['command']}")
 
 
 def _train(a: argparse.Namespace) -> None:
@@ -150,7 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, default=None, help="dataset folder (default: generate ShapesWorld)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--smoke", action="store_true",
+                   help="check that your data goes through every step: a few optimiser steps per step and a few "
+                        "eval samples, well under a minute on small data (numbers mean nothing; use its own --out)")
     s.set_defaults(func=_recipe)
+
+    # vargpt ablate
+    s = sub.add_parser("ablate", help="stage ablation (paper Table 4 pattern): train and evaluate variants",
+                       description="Variants full / w/o stage 1 / w/o stage 3 / stage 3 with frozen generation "
+                                   "projectors / with frozen visual decoder, from the recipe's stage0; shared "
+                                   "stage prefixes train once (vargpt.ablation).")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--out", type=Path, required=True, help="ablation folder (finished variants are skipped)")
+    s.add_argument("--data", type=Path, default=None, help="dataset folder (default: the run's data/)")
+    s.add_argument("--from-run", type=Path, default=None,
+                   help="reuse this `vargpt pipeline` run folder's steps up to assemble (default: run them in OUT/run)")
+    s.add_argument("--max-steps", type=int, default=None, help="optimiser steps of every stage (default: recipe's)")
+    s.add_argument("--max-understanding", type=int, default=500, help="questions evaluated per variant")
+    s.add_argument("--max-generation", type=int, default=64, help="generation prompts evaluated per variant")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_ablate)
 
     # vargpt chat / generate / eval / feature-net (parser builders live next to their implementations)
     from vargpt.evaluation.run import add_eval_parser, add_feature_net_parser

@@ -143,6 +143,9 @@ class VisualDecoderConfig:
     """Class-conditional classes; the class table has one more (unconditional) row."""
     cond_drop_rate: float = 0.1
     """Probability of replacing the class with the unconditional row in training (CFG)."""
+    loss_weighting: Literal["token", "scale"] = "token"
+    """Code cross-entropy averaged over tokens (VAR) or with equal weight per scale
+    (:mod:`vargpt.visual_decoder.loss`)."""
     attn_l2_norm: bool = True
     """Cosine attention with a learnable clamped per-head scale (SPEC 2.5)."""
     norm_eps: float = 1e-6
@@ -163,6 +166,8 @@ class VisualDecoderConfig:
         if self.mlp_ratio <= 0:
             _fail(self, "mlp_ratio", self.mlp_ratio, "must be > 0")
         _unit_interval(self, "drop_path_rate", "cond_drop_rate")
+        if self.loss_weighting not in ("token", "scale"):
+            _fail(self, "loss_weighting", self.loss_weighting, "must be 'token' or 'scale'")
 
     @property
     def head_dim(self) -> int:
@@ -295,12 +300,21 @@ class GenProjectorConfig:
     """Activation between the two linears (exact erf GELU as VARGPT's GenPatchMerger)."""
     llm_attention: Literal["causal", "block_causal"] = "causal"
     """LLM mask over generation slots: the paper's token-causal, or block-causal by scale."""
+    decoder_input: Literal["replace", "residual"] = "replace"
+    """What the decoder blocks receive per token: ``"replace"`` (the paper): out-projected LLM states
+    only; ``"residual"``: the decoder's own token embedding (class/start, word, level and position
+    embeddings, as in class-conditional VAR) plus the out-projected LLM states, with the out-projector's
+    last layer zero-initialised, so the assembled model starts as the pretrained decoder and the LLM adds
+    the prompt. The residual form keeps what class-conditional pretraining learned; it matters when
+    the generation stages are short (the tiny preset)."""
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ("gelu", "gelu_tanh", "silu"):
             _fail(self, "hidden_act", self.hidden_act, "must be one of gelu, gelu_tanh, silu")
         if self.llm_attention not in ("causal", "block_causal"):
             _fail(self, "llm_attention", self.llm_attention, "must be 'causal' or 'block_causal'")
+        if self.decoder_input not in ("replace", "residual"):
+            _fail(self, "decoder_input", self.decoder_input, "must be 'replace' or 'residual'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -566,11 +580,11 @@ def _tiny() -> VARGPTConfig:
         name="tiny",
         vqvae=VQVAEConfig(
             image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, use_attn=False,
-            z_channels=16, vocab_size=256, share_quant_resi=4, patch_nums=(1, 2, 3, 4, 6, 8),
+            z_channels=16, vocab_size=64, share_quant_resi=4, patch_nums=(1, 2, 3, 4, 6, 8),
         ),
         visual_decoder=VisualDecoderConfig(
             depth=4, width=128, num_heads=4, drop_path_rate=0.0, num_classes=64,
-            init_adaln_gamma=1e-3,
+            init_adaln_gamma=1e-3, loss_weighting="scale",
         ),
         vision_tower=VisionTowerConfig(
             image_size=32, patch_size=4, hidden_size=128, intermediate_size=512, num_layers=3,
@@ -580,6 +594,7 @@ def _tiny() -> VARGPTConfig:
             architecture="llama", vocab_size=1024, hidden_size=192, intermediate_size=512,
             num_layers=4, num_heads=4, num_kv_heads=4, max_position_embeddings=512,
         ),
+        gen_projector=GenProjectorConfig(decoder_input="residual"),
         chat=ChatConfig(system_prompt=""),
         sampling=SamplingConfig(cfg=2.0, top_k=0, top_p=0.0, max_new_tokens=48),
     )

@@ -35,6 +35,7 @@ from vargpt.tokenizer.vqvae import MultiScaleVQVAE
 from vargpt.understanding.projector import UnderstandingProjector
 from vargpt.understanding.vision_tower import VisionTower
 from vargpt.visual_decoder.decoder import VisualDecoder
+from vargpt.visual_decoder.loss import code_loss, token_weights
 from vargpt.visual_decoder.projectors import GenProjector
 
 
@@ -110,7 +111,26 @@ class VARGPT(nn.Module):
         C, D = cfg.visual_decoder.width, language_model.hidden_size
         act = cfg.gen_projector.hidden_act
         self.image_gen_projector = image_gen_projector or GenProjector(C, D, hidden_act=act)
-        self.image_gen_projector_out = image_gen_projector_out or GenProjector(D, C, hidden_act=act)
+        if image_gen_projector_out is None:
+            image_gen_projector_out = GenProjector(D, C, hidden_act=act)
+            if self.residual_decoder_input:  # start as the pretrained decoder; the LLM's share grows
+                with torch.no_grad():
+                    image_gen_projector_out.mlp[2].weight.zero_()
+        self.image_gen_projector_out = image_gen_projector_out
+
+    @property
+    def residual_decoder_input(self) -> bool:
+        """Whether decoder blocks get their own token embeddings plus the LLM's (``decoder_input="residual"``)."""
+        return self.cfg.gen_projector.decoder_input == "residual"
+
+    def decoder_inputs(self, hidden_NlD: torch.Tensor, tokens_NlC: torch.Tensor | None) -> torch.Tensor:
+        """Per-token decoder-block inputs from LLM states (and, in residual mode, the decoder's embeddings)."""
+        h_NlC = self.image_gen_projector_out(hidden_NlD)
+        if self.residual_decoder_input:
+            if tokens_NlC is None:
+                raise ValueError("decoder_input='residual' needs the decoder-space token embeddings")
+            h_NlC = h_NlC + tokens_NlC.to(h_NlC.dtype)
+        return h_NlC
 
     @classmethod
     def from_config(cls, cfg: VARGPTConfig, token_ids: SpecialTokenIds) -> VARGPT:
@@ -144,11 +164,15 @@ class VARGPT(nn.Module):
             image_feats = self.vision_tower(pixel_values)
         return self.multi_modal_projector(image_feats)
 
-    def gen_slot_embeds(self, gen_codes: list[torch.Tensor], cond_NC: torch.Tensor) -> torch.Tensor:
-        """LLM embeddings of the generation slots (teacher forcing), (N_gen, L, D)."""
+    def gen_tokens(self, gen_codes: list[torch.Tensor], cond_NC: torch.Tensor) -> torch.Tensor:
+        """Decoder-space teacher-forcing embeddings of the target images, (N_gen, L, C) (SPEC 3.5 step 2)."""
         with torch.no_grad():
             x_NlZ = self.vae_local.quantize.teacher_forcing_input(gen_codes)
-        return self.image_gen_projector(self.vargpt_gen.embed_tokens(cond_NC, x_NlZ))
+        return self.vargpt_gen.embed_tokens(cond_NC, x_NlZ)
+
+    def gen_slot_embeds(self, gen_codes: list[torch.Tensor], cond_NC: torch.Tensor) -> torch.Tensor:
+        """LLM embeddings of the generation slots (teacher forcing), (N_gen, L, D)."""
+        return self.image_gen_projector(self.gen_tokens(gen_codes, cond_NC))
 
     def llm_attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The LLM mask: 2D padding mask (causal, the paper's default) or a 4D block-causal float mask."""
@@ -193,10 +217,11 @@ class VARGPT(nn.Module):
             raise GenerationSlotError(
                 f"{int(gen_slots_BT.sum())} generation slots for "
                 f"{0 if batch.gen_codes is None else batch.gen_codes[0].shape[0]} target image(s) of L={L} tokens")
-        cond_NC = None
+        cond_NC = tokens_NLC = None
         if n_gen:
             cond_NC = self.gen_condition(n_gen, ids.device)
-            gen_NLD = self.gen_slot_embeds(batch.gen_codes, cond_NC).to(embeds_BTD.dtype)
+            tokens_NLC = self.gen_tokens(batch.gen_codes, cond_NC)
+            gen_NLD = self.image_gen_projector(tokens_NLC).to(embeds_BTD.dtype)
             embeds_BTD = embeds_BTD.masked_scatter(gen_slots_BT[..., None], gen_NLD)
         hidden_BTD = self.language_model(embeds_BTD, attention_mask=self.llm_attention_mask(ids, batch.attention_mask),
                                          compute_logits=False).hidden_BTD
@@ -205,7 +230,7 @@ class VARGPT(nn.Module):
         image_loss, acc, logits = zero, zero.detach(), None
         if n_gen and image_weight > 0:
             image_loss, acc, logits = self._image_loss(hidden_BTD[gen_slots_BT].view(n_gen, L, -1), cond_NC,
-                                                       batch.gen_codes)
+                                                       batch.gen_codes, tokens_NLC)
         loss = text_weight * text_loss + image_weight * image_loss
         return VARGPTOutput(loss, text_loss.detach(), image_loss.detach(), logits, acc, n_text, n_gen * L)
 
@@ -219,18 +244,24 @@ class VARGPT(nn.Module):
         logits = self.language_model.logits(hidden_BTD[:, :-1][valid])
         return F.cross_entropy(logits.float(), targets[valid]), n
 
-    def decode_image_logits(self, hidden_NLD: torch.Tensor, cond_NC: torch.Tensor) -> torch.Tensor:
-        """LLM states at the generation slots -> code logits over all scales (block-causal decoder)."""
-        h_NLC = self.image_gen_projector_out(hidden_NLD)
+    def decode_image_logits(
+        self, hidden_NLD: torch.Tensor, cond_NC: torch.Tensor, tokens_NLC: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """LLM states at the generation slots -> code logits over all scales (block-causal decoder).
+
+        ``tokens_NLC`` (the decoder-space embeddings of the slots) is needed in residual mode.
+        """
+        h_NLC = self.decoder_inputs(hidden_NLD, tokens_NLC)
         return self.vargpt_gen.forward_blocks(h_NLC, cond_NC, attn_bias=self.vargpt_gen.causal_bias())
 
-    def _image_loss(self, hidden_NLD, cond_NC, gen_codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    def _image_loss(self, hidden_NLD, cond_NC, gen_codes, tokens_NLC):  # noqa: ANN001, ANN202
         rate = self.cfg.visual_decoder.cond_drop_rate
         if self.training and rate > 0:  # the training counterpart of the noise-CFG branch
             drop = torch.rand(hidden_NLD.shape[0], 1, 1, device=hidden_NLD.device) < rate
             hidden_NLD = torch.where(drop, torch.randn_like(hidden_NLD), hidden_NLD)
-        logits_NLK = self.decode_image_logits(hidden_NLD, cond_NC)
+        logits_NLK = self.decode_image_logits(hidden_NLD, cond_NC, tokens_NLC)
         gt_NL = torch.cat(list(gen_codes), dim=1)
-        loss = F.cross_entropy(logits_NLK.float().flatten(0, 1), gt_NL.flatten())
+        loss = code_loss(logits_NLK, gt_NL, token_weights(self.vargpt_gen.patch_nums,
+                                                          self.cfg.visual_decoder.loss_weighting))
         acc = (logits_NLK.argmax(-1) == gt_NL).float().mean()
         return loss, acc.detach(), logits_NLK

@@ -16,16 +16,24 @@ from vargpt.training.loop import set_trainable
 from vargpt.training.stages import vargpt_stages
 
 
-def _cfg(llm_attention="causal"):
+def _cfg(llm_attention="causal", decoder_input="residual"):
     cfg = VARGPTConfig.from_name("tiny")
     return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=2),
-                               gen_projector=dataclasses.replace(cfg.gen_projector, llm_attention=llm_attention))
+                               gen_projector=dataclasses.replace(cfg.gen_projector, llm_attention=llm_attention,
+                                                                 decoder_input=decoder_input))
+
+
+def _randomise_out_projector(model):
+    """Residual mode zero-initialises the out-projector's last layer; tests need the LLM path live."""
+    with torch.no_grad():
+        model.image_gen_projector_out.mlp[2].weight.normal_(0.0, 0.05)
+    return model
 
 
 @pytest.fixture(scope="module")
 def model(hf_tokenizer):
     torch.manual_seed(0)
-    return VARGPT.from_config(_cfg(), SpecialTokenIds.from_tokenizer(hf_tokenizer)).eval()
+    return _randomise_out_projector(VARGPT.from_config(_cfg(), SpecialTokenIds.from_tokenizer(hf_tokenizer)).eval())
 
 
 def _batch(model, tok, records, n_in, n_gen):
@@ -59,8 +67,13 @@ def test_mixed_batch_forward_shapes_and_losses(model, hf_tokenizer):
     assert torch.isfinite(out.loss) and out.text_loss > 0 and out.image_loss > 0
     assert out.text_tokens == int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
     gt = torch.cat(batch.gen_codes, 1)
-    manual = torch.nn.functional.cross_entropy(out.image_logits_NLK.flatten(0, 1), gt.flatten())
-    assert torch.allclose(out.image_loss, manual, atol=1e-6)  # image CE over all L codes of every image
+    ce_NL = torch.nn.functional.cross_entropy(out.image_logits_NLK.flatten(0, 1), gt.flatten(),
+                                              reduction="none").view(gt.shape)
+    # image CE over all L codes of every image, each scale weighing the same (tiny: loss_weighting="scale")
+    assert model.cfg.visual_decoder.loss_weighting == "scale"
+    counts = torch.tensor([pn * pn for pn in model.vargpt_gen.patch_nums])
+    per_scale = torch.stack([chunk.mean() for chunk in ce_NL.split(counts.tolist(), dim=1)])
+    assert torch.allclose(out.image_loss, per_scale.mean(), atol=1e-6)
     assert torch.allclose(out.loss, out.text_loss + out.image_loss)
     with pytest.raises(GenerationSlotError):
         model(dataclasses.replace(batch, gen_codes=[c[:2] for c in batch.gen_codes]))
@@ -79,11 +92,13 @@ def test_text_logits_ignore_generation_targets_position(model, hf_tokenizer):
     assert model.token_ids.image_gen_start in targets and model.token_ids.image_gen_pad not in targets
 
 
-@pytest.mark.parametrize("llm_attention", ["causal", "block_causal"])
-def test_teacher_forcing_equals_inference_loop(hf_tokenizer, llm_attention):
+@pytest.mark.parametrize(("llm_attention", "decoder_input"),
+                         [("causal", "residual"), ("block_causal", "residual"), ("causal", "replace")])
+def test_teacher_forcing_equals_inference_loop(hf_tokenizer, llm_attention, decoder_input):
     """The LLM+decoder logits of teacher forcing equal the KV-cached scale-by-scale loop's (B=2, padded)."""
     torch.manual_seed(0)
-    model = VARGPT.from_config(_cfg(llm_attention), SpecialTokenIds.from_tokenizer(hf_tokenizer)).eval()
+    model = VARGPT.from_config(_cfg(llm_attention, decoder_input), SpecialTokenIds.from_tokenizer(hf_tokenizer))
+    model = _randomise_out_projector(model.eval())
     recs = [_rec(("user", "draw a red circle"), ("assistant", f"here{IMAGE_GEN}")),
             _rec(("user", "please draw a square"), ("assistant", f"sure thing{IMAGE_GEN}"))]
     tf_logits = []
@@ -110,6 +125,23 @@ def test_teacher_forcing_equals_inference_loop(hf_tokenizer, llm_attention):
                                        sampling=SamplingConfig(cfg=0.0), step=step, forced_idx=codes))
     loop_logits = torch.cat([e.logits_BlK for e in events], dim=1)
     assert (loop_logits - torch.cat(tf_logits)).abs().max() < 1e-4
+
+
+def test_residual_decoder_input_starts_as_the_pretrained_decoder(hf_tokenizer):
+    """A fresh residual-mode model gives the decoder's own unconditional-class logits, whatever the LLM says;
+    once the out-projector is non-zero, the prompt changes them."""
+    torch.manual_seed(0)
+    model = VARGPT.from_config(_cfg(), SpecialTokenIds.from_tokenizer(hf_tokenizer)).eval()
+    batch, _ = _batch(model, hf_tokenizer, [MIXED[1]], n_in=0, n_gen=1)
+    dec = model.vargpt_gen
+    with torch.no_grad():
+        x_NlZ = model.vae_local.quantize.teacher_forcing_input(batch.gen_codes)
+        labels = torch.full((1,), dec.uncond_label)
+        expected = dec.forward_blocks(dec.embed_tokens(dec.condition(labels), x_NlZ), dec.condition(labels),
+                                      attn_bias=dec.causal_bias())
+        assert torch.allclose(model(batch).image_logits_NLK, expected, atol=1e-6)
+        _randomise_out_projector(model)
+        assert not torch.allclose(model(batch).image_logits_NLK, expected, atol=1e-3)
 
 
 def test_trainable_sets_per_stage(model):

@@ -37,7 +37,15 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from vargpt.data.records import DatasetError, Record, image_to_tensor, load_image, load_records, unique_images
+from vargpt.data.records import (
+    DatasetError,
+    Record,
+    image_to_tensor,
+    load_image,
+    load_records,
+    resize_center_crop,
+    unique_images,
+)
 from vargpt.training.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -120,13 +128,12 @@ class FeatureNet(nn.Module):
 
 
 def images_to_batch(images: Sequence[Image.Image | str | Path], size: int) -> torch.Tensor:
-    """PIL images or paths -> ``pixel_B3HW`` in [-1, 1], resized to ``size`` (bicubic; square images)."""
+    """PIL images or paths -> ``pixel_B3HW`` in [-1, 1] at ``size`` px: the shorter side resized (bicubic)
+    and a centred square cropped, as the tokenizer sees images (square images are only resized)."""
     out = []
     for im in images:
         img = load_image(im) if isinstance(im, (str, Path)) else im.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC)
-        out.append(image_to_tensor(img))
+        out.append(image_to_tensor(resize_center_crop(img, size)))
     return torch.stack(out)
 
 

@@ -94,9 +94,10 @@ class GenerationItem:
 
 
 def expected_attributes(record: Record) -> dict[str, str] | None:
-    """The attributes a ShapesWorld generation prompt asks for (None when the record has no objects)."""
+    """The attributes a ShapesWorld generation prompt asks for (None when the record has no ShapesWorld
+    objects: other data may carry any ``meta``)."""
     objects = record.meta.get("objects")
-    if not objects:
+    if not objects or not isinstance(objects, list) or not isinstance(objects[0], Mapping):
         return None
     obj = dict(objects[0])
     if record.meta.get("task") == "class_gen":

@@ -9,6 +9,8 @@
   against the split's reference images, under the project's feature network when one is given
   (:mod:`vargpt.evaluation.feature_net`; null otherwise), with the real-vs-real FID at the same
   sample count as a floor;
+* the tokenizer's ceiling: oracle colour+shape accuracy on its reconstructions of held-out one-object
+  images (ShapesWorld only; :mod:`vargpt.evaluation.tokenizer`);
 * a self-contained ``report.html`` (:func:`vargpt.evaluation.report.write_report`).
 
 Heavy imports (torch, the model) happen inside the functions so that building the CLI parser is cheap.
@@ -51,17 +53,26 @@ def fid_against_references(extractor: Any, generated: Sequence[Any], references:
     shuffled with ``seed``): what a perfect generator would score with this many samples.
 
     Returns:
-        ``{"fid", "fid_reference", "fid_n_generated", "fid_n_real"}``; values are None when there are
-        fewer than 2 images on a side (``fid_reference`` also when there are too few references).
+        ``{"fid", "fid_reference", "fid_n_generated", "fid_n_real", "fid_note"}``; values are None when
+        there are fewer than 2 images on a side or the statistics are too degenerate for a real matrix
+        square root (``fid_reference`` also when there are too few references); ``fid_note`` then
+        says why (None when ``fid`` is a number).
     """
     from vargpt.evaluation.generation import fid_from_features
 
     n_gen, n_real = len(generated), len(references)
-    out: dict[str, Any] = {"fid": None, "fid_reference": None, "fid_n_generated": n_gen, "fid_n_real": n_real}
+    out: dict[str, Any] = {"fid": None, "fid_reference": None, "fid_n_generated": n_gen, "fid_n_real": n_real,
+                           "fid_note": None}
     if n_gen < 2 or n_real < 2:
+        out["fid_note"] = (f"FID needs at least 2 generated and 2 reference images; got {n_gen} generated, "
+                           f"{n_real} reference (the split's generation records)")
         return out
     real_feats = extractor(list(references))
-    out["fid"] = round(fid_from_features(real_feats, extractor(list(generated))), 4)
+    try:
+        out["fid"] = round(fid_from_features(real_feats, extractor(list(generated))), 4)
+    except ValueError as e:  # a significantly complex sqrtm: too few samples for the feature width
+        out["fid_note"] = f"FID undefined on {n_gen} generated / {n_real} reference images: {e}"
+        return out
     if n_real >= n_gen + 2:
         order = list(range(n_real))
         random.Random(seed).shuffle(order)
@@ -110,7 +121,10 @@ def evaluate_model(
         "understanding_per_qtype", "understanding_per_task", "generation_accuracy" (oracle
         colour+shape; null without an oracle), "generation_per_attribute", "generation_seen",
         "generation_unseen", "generation_per_task", "generation_n_prompts", "generation_n_images",
-        "fid", "fid_reference", "fid_n_generated", "fid_n_real", "fid_features", "seconds", "report"}``.
+        "fid", "fid_reference", "fid_n_generated", "fid_n_real", "fid_note" (why ``fid`` is null),
+        "fid_features", "tokenizer_oracle_accuracy" (and the other keys of
+        :func:`vargpt.evaluation.tokenizer.tokenizer_oracle_scores`; ShapesWorld only, else null),
+        "seconds", "report"}``.
     """
     from vargpt.config import SamplingConfig
     from vargpt.data.records import load_records
@@ -134,11 +148,19 @@ def evaluate_model(
     gen = evaluate_generation(pipeline, records, world, n_per_prompt=n_per_prompt, sampling=sampling,
                               max_prompts=max_generation, batch_size=batch_size)
     t_gen = time.perf_counter()
-    fid: dict[str, Any] = {"fid": None, "fid_reference": None, "fid_n_generated": None, "fid_n_real": None}
+    fid: dict[str, Any] = {"fid": None, "fid_reference": None, "fid_n_generated": None, "fid_n_real": None,
+                           "fid_note": "no feature network given"}
     if extractor is not None:
         fid = fid_against_references(extractor, [s["image"] for s in gen["samples"]],
                                      _reference_images(records), seed=seed)
     t_fid = time.perf_counter()
+    tok: dict[str, Any] = {"tokenizer_oracle_accuracy": None}
+    vqvae = getattr(getattr(pipeline, "model", None), "vae_local", None)
+    if world is not None and vqvae is not None:  # the ceiling the tokenizer sets on generation
+        from vargpt.evaluation.tokenizer import tokenizer_oracle_scores
+
+        tok = tokenizer_oracle_scores(vqvae, records, world)
+    t_tok = time.perf_counter()
     metrics: dict[str, Any] = {
         "model": str(model_dir) if model_dir is not None else None, "data": str(data_dir), "split": split,
         "seed": seed,
@@ -148,9 +170,10 @@ def evaluate_model(
         "generation_per_attribute": gen["accuracy"], "generation_seen": gen["seen"],
         "generation_unseen": gen["unseen"], "generation_per_task": gen["per_task"],
         "generation_n_prompts": gen["n_prompts"], "generation_n_images": gen["n_images"],
-        **fid, "fid_features": feature_name if extractor is not None else None,
+        **fid, "fid_features": feature_name if extractor is not None else None, **tok,
         "seconds": {"load": round(t_load - t0, 2), "understanding": round(t_und - t_load, 2),
-                    "generation": round(t_gen - t_und, 2), "fid": round(t_fid - t_gen, 2)},
+                    "generation": round(t_gen - t_und, 2), "fid": round(t_fid - t_gen, 2),
+                    "tokenizer": round(t_tok - t_fid, 2)},
         "report": None,
     }
     if out is not None:

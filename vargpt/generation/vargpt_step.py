@@ -69,7 +69,7 @@ class VARGPTScaleStep:
             uncond_BnD = self.uncond.extend(uncond_embeds_BnD, self.active_B, block=block).hidden_BTD
         else:
             uncond_BnD = self._noise(hidden_BnD)
-        return m.image_gen_projector_out(torch.cat([hidden_BnD, uncond_BnD]))
+        return m.decoder_inputs(torch.cat([hidden_BnD, uncond_BnD]), x_2BlC)
 
     def _noise(self, like_BnD: torch.Tensor) -> torch.Tensor:
         kw = dict(device=like_BnD.device, dtype=like_BnD.dtype)

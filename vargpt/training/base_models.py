@@ -23,6 +23,7 @@ from typing import Any
 
 from vargpt.config import VARGPTConfig
 from vargpt.training.base_llava import (
+    ALIGN_TRAIN,
     build_llava,
     build_understanding_data,
     load_llava,
@@ -66,15 +67,19 @@ def train_base_models(
     metrics["llm"] = train_llm(data_dir, out / "tokenizer", out / "llm", **common, **kw.get("llm", {}))
     metrics["vision"] = train_vision_tower(data_dir, out / "tokenizer", out / "vision", **common,
                                            **kw.get("vision", {}))
-    # The tower is frozen in both LLaVA steps: compute its features once and share them.
+    # Images are read and preprocessed (or, for a frozen tower, encoded) once for the alignment step; the
+    # instruction step computes features with the tower alignment leaves (trained or not).
     model, tokenizer, processor, _ = build_llava(out / "llm", out / "vision", preset=preset)
+    align_kw = kw.get("align", {})
+    align_trainable = align_kw.get("trainable", ALIGN_TRAIN.trainable)
+    tower_trains = any(g.startswith("vision_tower") for g in align_trainable)
     data = build_understanding_data(
         load_split(data_dir, "train"), load_split(data_dir, "test"), tokenizer, model.vision_tower, processor,
         system_prompt=VARGPTConfig.from_name(preset).chat.system_prompt,
-        max_length=model.llm.model.config.max_position_embeddings)
+        max_length=model.llm.model.config.max_position_embeddings, pixels=tower_trains)
     metrics["align"] = train_alignment(data_dir, out / "llm", out / "vision", out / "align", **common, data=data,
-                                       **kw.get("align", {}))
-    metrics["instruct"] = train_instruct(data_dir, out / "align", out / "llava", **common, data=data,
-                                         **kw.get("instruct", {}))
+                                       **align_kw)
+    metrics["instruct"] = train_instruct(data_dir, out / "align", out / "llava", **common,
+                                         data=None if tower_trains else data, **kw.get("instruct", {}))
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
     return metrics

@@ -33,7 +33,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vargpt.config import TrainConfig, VARGPTConfig
 from vargpt.data.conversation import render_segments
-from vargpt.data.records import DatasetError, Record, load_records
+from vargpt.data.records import DatasetError, Message, Record, load_records
 from vargpt.llm.backbone import LLMBackbone
 from vargpt.special_tokens import ADDED_TOKENS, BOS, EOS, IMAGE, IMAGE_GEN, PAD
 from vargpt.training.checkpoint import load_checkpoint
@@ -66,6 +66,29 @@ def conversation_segments(record: Record, system_prompt: str) -> list[str]:
 def corpus_texts(records: Iterable[Record], system_prompt: str) -> list[str]:
     """One rendered conversation per record (the tokenizer's and the LLM's training text)."""
     return ["".join(conversation_segments(r, system_prompt)) for r in records]
+
+
+CAPTION_QUESTION = "Describe the image."
+"""The question of :func:`captioning_records`."""
+
+
+def captioning_records(records: Iterable[Record]) -> list[Record]:
+    """Image-to-text records made from generation records, for data with no input image at all.
+
+    Each generation record (a user prompt, an ``<image_gen>`` with its target image) becomes the
+    reverse conversation: user ``<image>`` + :data:`CAPTION_QUESTION`, assistant the prompt text, the
+    generated image as input. The base vision tower and LLaVA steps fall back to these on text-to-image
+    data, so the understanding path still learns to tie images to the data's text.
+    """
+    out = []
+    for r in records:
+        users = [m for m in r.messages if m.role == "user"]
+        targets = r.generated_images
+        text = strip_placeholders(users[-1].content).strip() if users else ""
+        if targets and text:
+            out.append(Record((Message("user", f"{IMAGE}\n{CAPTION_QUESTION}"), Message("assistant", text)),
+                              (targets[0],), cls=r.cls, meta=dict(r.meta), source=r.source))
+    return out
 
 
 def load_split(data_dir: str | Path, split: str) -> list[Record]:

@@ -22,7 +22,13 @@ import torch
 
 from vargpt.config import TrainConfig, VARGPTConfig, VisionTowerConfig
 from vargpt.data.records import DatasetError, Record, load_image
-from vargpt.training.base_text import load_split, load_text_tokenizer, run_metrics, strip_placeholders
+from vargpt.training.base_text import (
+    captioning_records,
+    load_split,
+    load_text_tokenizer,
+    run_metrics,
+    strip_placeholders,
+)
 from vargpt.training.checkpoint import load_checkpoint
 from vargpt.training.loop import train
 from vargpt.understanding.contrastive import ContrastiveModel, TextEncoder
@@ -111,8 +117,10 @@ def build_pairs(
     """Train and held-out pairs sharing one image/text table (each image loaded, each text tokenized once).
 
     Every input image (``<image>``) of a record is paired with the record's text; records whose images are
-    only generation targets are skipped. The held-out pairs are an evenly spaced subset of
-    ``eval_records``' pairs, or of the train pairs when ``eval_records`` is empty.
+    only generation targets are skipped, unless no record has an input image (text-to-image data): then
+    each generated image is paired with its prompt (:func:`~vargpt.training.base_text.captioning_records`).
+    The held-out pairs are an evenly spaced subset of ``eval_records``' pairs, or of the train pairs when
+    ``eval_records`` is empty.
     """
     images: dict[Path, int] = {}
     texts: dict[str, int] = {}
@@ -129,6 +137,8 @@ def build_pairs(
         return out
 
     train_pairs, eval_pairs = pairs_of(records), pairs_of(eval_records)
+    if not train_pairs:  # text-to-image data: pair each generated image with its prompt
+        train_pairs, eval_pairs = pairs_of(captioning_records(records)), pairs_of(captioning_records(eval_records))
     if not train_pairs:
         raise DatasetError("no record pairs an input <image> with text; cannot pretrain the vision tower")
     eval_pairs = eval_pairs or train_pairs

@@ -2,11 +2,14 @@
 
 Every record of the dataset with a ``class`` (ShapesWorld: ``"{colour} {shape}"`` for one-object
 images) gives an (image, class) pair; the class vocabulary is the sorted set of training classes and is
-stored with the checkpoint. Images are tokenized once by the frozen VQ-VAE and the codes and
-teacher-forcing inputs are kept in memory. The model is trained with the shared loop
-(:func:`vargpt.training.loop.train`: AdamW with VAR's no-decay groups, warm-up + decay, clipping,
-resumable safetensors checkpoints) on the plain token-mean cross-entropy of SPEC 2.8 with class
-dropout ``cond_drop_rate`` for classifier-free guidance.
+stored with the checkpoint. A dataset with more classes than the preset's ``num_classes`` keeps the
+most frequent ones and trains the images of the others on the unconditional row; a dataset with no
+``class`` at all trains unconditionally on every image of its train split (the unconditional row is
+the condition VARGPT uses for every generated image, so this is the part of the decoder it needs).
+Images are tokenized once by the frozen VQ-VAE and the codes and teacher-forcing inputs are kept in
+memory. The model is trained with the shared loop (:func:`vargpt.training.loop.train`: AdamW with
+VAR's no-decay groups, warm-up + decay, clipping, resumable safetensors checkpoints) on the plain
+token-mean cross-entropy of SPEC 2.8 with class dropout ``cond_drop_rate`` for classifier-free guidance.
 
     >>> metrics = train_decoder(data_dir="data/sw", tokenizer_dir="runs/tok", out_dir="runs/dec")
     >>> decoder, classes = load_decoder("runs/dec")
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from vargpt.config import TrainConfig, VARGPTConfig, VisualDecoderConfig, VQVAEConfig
-from vargpt.data.records import DatasetError, Record, image_to_tensor, load_image, load_records
+from vargpt.data.records import DatasetError, Record, image_to_tensor, load_image, load_records, unique_images
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
 from vargpt.training.checkpoint import is_checkpoint, load_checkpoint
 from vargpt.training.loop import train
 from vargpt.visual_decoder.decoder import VisualDecoder
+from vargpt.visual_decoder.loss import code_loss, token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +101,35 @@ def class_pairs(records: list[Record]) -> list[tuple[Path, str]]:
     return list(pairs)
 
 
+def decoder_pairs(records: list[Record], num_classes: int) -> tuple[list[tuple[Path, str | None]], list[str]]:
+    """Training pairs and class vocabulary for :func:`train_decoder` (see the module docstring).
+
+    Returns:
+        ``(pairs, classes)``: ``classes`` is the sorted vocabulary (at most ``num_classes``: the most
+        frequent, ties by name); a pair whose class is None trains the unconditional row. Without
+        any class, every distinct image of ``records`` is an unconditional pair.
+    """
+    pairs: list[tuple[Path, str | None]] = list(class_pairs(records))
+    if not pairs:
+        return [(p, None) for p in unique_images(records)], []
+    counts = Counter(c for _, c in pairs)
+    kept = set(sorted(counts, key=lambda c: (-counts[c], c))[:num_classes])
+    if len(kept) < len(counts):
+        logger.warning("%d classes but num_classes=%d: the %d most frequent are kept, the images of the others "
+                       "train the unconditional row", len(counts), num_classes, num_classes)
+    return [(p, c if c in kept else None) for p, c in pairs], sorted(kept)
+
+
 @torch.no_grad()
 def tokenize_pairs(
-    vqvae: MultiScaleVQVAE, pairs: list[tuple[Path, str]], classes: list[str], batch_size: int = 256
+    vqvae: MultiScaleVQVAE, pairs: list[tuple[Path, str | None]], classes: list[str], batch_size: int = 256,
+    uncond_label: int | None = None,
 ) -> ClassCodes:
-    """Load and tokenize every image of ``pairs`` (only classes in ``classes`` are kept)."""
-    index = {c: i for i, c in enumerate(classes)}
+    """Load and tokenize every image of ``pairs`` (only classes in ``classes`` are kept; pairs whose
+    class is None get ``uncond_label`` when it is given)."""
+    index: dict[str | None, int] = {c: i for i, c in enumerate(classes)}
+    if uncond_label is not None:
+        index[None] = uncond_label
     pairs = [(p, c) for p, c in pairs if c in index]
     size = vqvae.cfg.image_size
     gts, xs = [], []
@@ -127,11 +155,14 @@ def concat_codes(a: ClassCodes, b: ClassCodes) -> ClassCodes:
 
 
 def decoder_loss(model: VisualDecoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Token-mean cross-entropy of teacher-forced logits (SPEC 2.8) and token accuracy."""
+    """Cross-entropy of teacher-forced logits (weighted as ``cfg.loss_weighting``; VAR's token mean,
+    SPEC 2.8, by default), the plain token-mean ``token_ce`` and the token accuracy."""
     logits_BLK = model(batch["labels_B"], batch["x_BlZ"])
-    loss = F.cross_entropy(logits_BLK.flatten(0, 1), batch["gt_BL"].flatten())
+    loss = code_loss(logits_BLK, batch["gt_BL"], token_weights(model.patch_nums, model.cfg.loss_weighting))
+    with torch.no_grad():
+        token_ce = F.cross_entropy(logits_BLK.flatten(0, 1), batch["gt_BL"].flatten())
     acc = (logits_BLK.detach().argmax(-1) == batch["gt_BL"]).float().mean()
-    return {"loss": loss, "token_acc": acc}
+    return {"loss": loss, "token_ce": token_ce, "token_acc": acc}
 
 
 def _vqvae_for_preset(vqvae: MultiScaleVQVAE, preset_vq: VQVAEConfig, preset: str) -> None:
@@ -153,11 +184,12 @@ def train_decoder(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the preset's visual decoder class-conditionally on ``data_dir`` and checkpoint it.
+    """Train the preset's visual decoder class-conditionally (or unconditionally) on ``data_dir``.
 
     Args:
         data_dir: dataset folder; records with a ``class`` are used (``test`` split, if present, gives
-            the held-out loss on classes seen in training).
+            the held-out loss on classes seen in training); without any class, every image trains
+            the unconditional row (see the module docstring).
         tokenizer_dir: a trained tokenizer checkpoint (``MultiScaleVQVAE.from_pretrained``); frozen.
         out_dir: receives ``checkpoint/`` (model.safetensors, config.json with the class vocabulary,
             trainer_state.pt), ``log.jsonl`` and ``loss.png``; load with :func:`load_decoder`.
@@ -173,7 +205,7 @@ def train_decoder(
         ``tokenize_seconds``, number of classes and images, checkpoint path.
 
     Raises:
-        DatasetError: no record has a class, or there are more classes than the preset's num_classes.
+        DatasetError: the train split has no image.
     """
     if preset not in RECIPES:
         raise ValueError(f"no decoder recipe for preset {preset!r}; choose one of {sorted(RECIPES)}")
@@ -183,20 +215,21 @@ def train_decoder(
     t0 = time.perf_counter()
     vqvae = MultiScaleVQVAE.from_pretrained(tokenizer_dir).requires_grad_(False)
     _vqvae_for_preset(vqvae, cfg.vqvae, preset)
-    train_pairs = class_pairs(load_records(data_dir, "train"))
-    classes = sorted({c for _, c in train_pairs})
-    if not classes:
-        raise DatasetError(f"{data_dir}: no training record has a 'class'; class-conditional training needs them")
     dc = cfg.visual_decoder
-    if len(classes) > dc.num_classes:
-        raise DatasetError(f"{data_dir}: {len(classes)} classes but preset {preset!r} has num_classes="
-                           f"{dc.num_classes}; use a larger preset or fewer classes")
-    train_codes = tokenize_pairs(vqvae, train_pairs, classes)
-    eval_pairs: list[tuple[Path, str]] = []
+    train_pairs, classes = decoder_pairs(load_records(data_dir, "train"), dc.num_classes)
+    if not train_pairs:
+        raise DatasetError(f"{data_dir}: the train split has no image to pretrain the visual decoder on")
+    if not classes:
+        logger.info("%s: no record has a 'class'; the decoder trains unconditionally on %d images", data_dir,
+                    len(train_pairs))
+    train_codes = tokenize_pairs(vqvae, train_pairs, classes, uncond_label=dc.num_classes)
+    eval_pairs: list[tuple[Path, str | None]] = []
     if (Path(data_dir) / "test.jsonl").is_file() or (Path(data_dir) / "test.json").is_file():
-        eval_pairs = [p for p in class_pairs(load_records(data_dir, "test")) if p[1] in classes][:_EVAL_IMAGES]
+        test_records = load_records(data_dir, "test")
+        eval_pairs = ([p for p in class_pairs(test_records) if p[1] in classes] if classes
+                      else [(p, None) for p in unique_images(test_records)])[:_EVAL_IMAGES]
     # One in-memory table for both splits, so the shared loop's single collate serves both index ranges.
-    codes = concat_codes(train_codes, tokenize_pairs(vqvae, eval_pairs, classes))
+    codes = concat_codes(train_codes, tokenize_pairs(vqvae, eval_pairs, classes, uncond_label=dc.num_classes))
     n_train, n_eval = len(train_codes), len(codes) - len(train_codes)
     tokenize_seconds = time.perf_counter() - t0
     logger.info("tokenized %d training images of %d classes in %.1fs", n_train, len(classes),
@@ -215,6 +248,7 @@ def train_decoder(
     return result.to_dict() | {
         "tokenize_seconds": round(tokenize_seconds, 2),
         "classes": len(classes),
+        "unconditional_train_images": int((train_codes.labels_N == dc.num_classes).sum()),
         "train_images": n_train,
         "eval_images": n_eval,
         "threads": torch.get_num_threads(),

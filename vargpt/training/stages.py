@@ -72,7 +72,9 @@ def vargpt_stages(preset: str) -> dict[str, StageSpec]:
     elif preset == "tiny":
         t1 = TrainConfig(name="stage1", lr=2e-3, batch_size=32, max_steps=150, weight_decay=0.0, eval_every=50)
         t2 = TrainConfig(name="stage2", lr=5e-4, batch_size=32, max_steps=200, weight_decay=0.0, eval_every=50)
-        t3 = TrainConfig(name="stage3", lr=5e-4, batch_size=32, max_steps=250, weight_decay=0.0, eval_every=50)
+        # Stage 3 continues the decoder's class-conditional training (residual decoder input), so it keeps
+        # a decoder-like learning rate.
+        t3 = TrainConfig(name="stage3", lr=1e-3, batch_size=32, max_steps=250, weight_decay=0.0, eval_every=50)
     else:
         raise ConfigError(f"no stage recipe for preset {preset!r}; choose 'tiny' or 'vargpt-v1-7b'")
     return {

@@ -69,7 +69,7 @@ RECIPES: dict[str, TokenizerRecipe] = {
     "tiny": TokenizerRecipe(
         train=TrainConfig(name="tokenizer-tiny", lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99),
                           warmup_ratio=0.02, schedule="cosine", min_lr_ratio=0.05, batch_size=16,
-                          max_steps=1500, grad_clip=1.0, save_every=250),
+                          max_steps=1600, grad_clip=1.0, save_every=400),
     ),
     # Released-size tokenizer (SPEC 1.1); only meaningful on a GPU and with a large image corpus.
     "vargpt-v1-7b": TokenizerRecipe(

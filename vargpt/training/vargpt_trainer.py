@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import random
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ def train_stage(
     out_dir: str | Path,
     preset: str = "tiny",
     max_steps: int | None = None,
+    batch_size: int | None = None,
+    trainable: Sequence[str] | None = None,
     resume: bool = False,
     seed: int = 0,
     max_eval: int = 256,
@@ -82,6 +85,10 @@ def train_stage(
         out_dir: output folder (see module docstring).
         preset: stage recipe ("tiny" or "vargpt-v1-7b").
         max_steps: override the recipe's step count.
+        batch_size: override the recipe's micro-batch.
+        trainable: override the stage's trainable parameter globs (``fnmatch`` over
+            :class:`vargpt.model.VARGPT` parameter names), e.g. for ablations (:mod:`vargpt.ablation`);
+            None keeps the stage's own set. Data, loss weights and optimiser stay the stage's.
         resume: continue an interrupted run from ``out_dir/train/checkpoint``.
         seed: data order and dropout seed.
         max_eval: held-out records used for the held-out loss.
@@ -95,6 +102,10 @@ def train_stage(
         raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(specs)}")
     spec = specs[stage]
     cfg = dataclasses.replace(spec.train, seed=seed, **({"max_steps": max_steps, "epochs": 0.0} if max_steps else {}))
+    if batch_size:
+        cfg = dataclasses.replace(cfg, batch_size=batch_size)
+    if trainable is not None:
+        cfg = dataclasses.replace(cfg, trainable=tuple(trainable))
     out = Path(out_dir)
     model, tokenizer = load_pretrained(from_dir)
     train_recs = spec.select(load_records(data_dir, "train"), seed)
@@ -113,8 +124,8 @@ def train_stage(
     model.requires_grad_(True)
     model.vae_local.requires_grad_(False)
     save_pretrained(model, tokenizer, out / MODEL_SUBDIR)
-    metrics = {"stage": stage, **result.to_dict(), "trainable_parameters": n_trainable,
-               "train_records": len(train_recs)}
+    metrics = {"stage": stage, **result.to_dict(), "trainable": list(cfg.trainable),
+               "trainable_parameters": n_trainable, "train_records": len(train_recs)}
     if eval_ds is not None:
         metrics["heldout"] = heldout_metrics(model, eval_ds)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -122,3 +122,22 @@ def test_class_dropout_only_in_training(tiny):
     kept = torch.isclose(out, ref, atol=1e-5).flatten(1).all(1)
     assert (dropped | kept).all()
     assert 0 < dropped.sum() < 64 * 0.5  # rate 0.1 of 64 rows
+
+
+def test_scale_loss_weighting_gives_every_scale_the_same_weight():
+    from vargpt.visual_decoder.loss import code_loss, token_weights
+
+    patch_nums = (1, 2, 3)
+    w_tok, w_scale = token_weights(patch_nums, "token"), token_weights(patch_nums, "scale")
+    assert torch.allclose(w_tok.sum(), torch.tensor(1.0)) and torch.allclose(w_scale.sum(), torch.tensor(1.0))
+    assert torch.allclose(w_scale[:1].sum(), w_scale[1:5].sum())
+    assert torch.allclose(w_scale[1:5].sum(), w_scale[5:].sum())
+    g = torch.Generator().manual_seed(0)
+    logits, gt = torch.randn(2, 14, 5, generator=g), torch.randint(0, 5, (2, 14), generator=g)
+    assert torch.allclose(code_loss(logits, gt, w_tok), torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                                                         gt.flatten()))
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), gt.flatten(), reduction="none").view(2, 14)
+    per_scale = torch.stack([ce[:, :1].mean(), ce[:, 1:5].mean(), ce[:, 5:].mean()])
+    assert torch.allclose(code_loss(logits, gt, w_scale), per_scale.mean())
+    with pytest.raises(ValueError, match="weighting"):
+        token_weights(patch_nums, "pixel")

@@ -1,0 +1,162 @@
+"""`vargpt pipeline --smoke` end to end on made-up data unlike ShapesWorld (stripes and gradients).
+
+The dataset is written here in the README's native JSONL format: non-square images, captions and QA
+about stripe direction and colour, generation records (``<image_gen>``) with prompts, some with a
+``class`` and some without (and a variant with no class at all), free-form ``meta``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from vargpt.recipe import STEPS, run_recipe
+
+COLOURS = {"crimson": (200, 20, 60), "teal": (0, 128, 128), "gold": (230, 180, 0), "navy": (20, 20, 110)}
+PATTERNS = ("horizontal stripes", "vertical stripes", "gradient")
+
+
+def draw(pattern: str, colour: str, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A non-square picture of stripes (every 8 px, 4 px wide) or a left-to-right gradient."""
+    w, h = size
+    img = Image.new("RGB", size, (245, 245, 240))
+    d, c = ImageDraw.Draw(img), COLOURS[colour]
+    if pattern == "horizontal stripes":
+        for y in range(0, h, 8):
+            d.rectangle([0, y, w, y + 3], fill=c)
+    elif pattern == "vertical stripes":
+        for x in range(0, w, 8):
+            d.rectangle([x, 0, x + 3, h], fill=c)
+    else:
+        for x in range(w):
+            t = x / (w - 1)
+            d.line([x, 0, x, h], fill=tuple(round(255 * (1 - t) + v * t) for v in c))
+    return img
+
+
+def write_stripes(root: Path, *, classes: bool, n_train: int = 24, n_test: int = 8) -> Path:
+    """The made-up dataset: per image a caption, two questions and (every other image) a generation record."""
+    combos = [(p, c) for p in PATTERNS for c in COLOURS]
+    for split, n in (("train", n_train), ("test", n_test)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in range(n):
+            pattern, colour = combos[(5 * i + (split == "test")) % len(combos)]
+            kind = "gradient" if pattern == "gradient" else "stripes"
+            rel = f"images/{split}/{i:03d}.png"
+            draw(pattern, colour).save(root / rel)
+            records += [
+                {"messages": [{"role": "user", "content": "<image>\nDescribe the picture."},
+                              {"role": "assistant", "content": f"A {colour} {pattern} pattern."}],
+                 "images": [rel]},
+                {"messages": [{"role": "user", "content": "<image>\nWhich colour dominates?"},
+                              {"role": "assistant", "content": colour}],
+                 "images": [rel], "meta": {"qtype": "colour", "objects": [colour]}},  # not ShapesWorld objects
+                {"messages": [{"role": "system", "content": "You look at patterns."},
+                              {"role": "user", "content": "Are these stripes or a gradient?\n<image>"},
+                              {"role": "assistant", "content": kind}],
+                 "images": [rel], "meta": {"qtype": "pattern"}},
+            ]
+            if i % 2 == 0:
+                gen = {"messages": [{"role": "user", "content": f"Paint {colour} {pattern}, please."},
+                                    {"role": "assistant", "content": f"Sure, {colour} {pattern}:<image_gen>"}],
+                       "images": [rel], "meta": {"task": "paint"}}
+                if classes and i % 4 == 0:
+                    gen["class"] = f"{colour} {kind}"
+                records.append(gen)
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("custom")
+    data = write_stripes(root / "data", classes=True)
+    t0 = time.perf_counter()
+    metrics = run_recipe(out_dir=root / "run", data_dir=data, smoke=True, progress=False)
+    return root, data, metrics, time.perf_counter() - t0
+
+
+def test_smoke_pipeline_on_custom_data(smoke_run):
+    root, data, m, seconds = smoke_run
+    run = root / "run"
+    assert json.loads((run / "metrics.json").read_text())["understanding_accuracy"] == m["understanding_accuracy"]
+    assert m["smoke"] is True and set(m["steps"]) == {s.name for s in STEPS}
+    acc = m["understanding_accuracy"]
+    assert isinstance(acc, float) and 0.0 <= acc <= 1.0
+    assert m["generation_accuracy"] is None  # no ShapesWorld oracle for this data
+    ev = m["results"]["eval"]
+    if m["fid"] is None:
+        assert ev["fid_note"], "a null FID must say why"
+    else:
+        assert math.isfinite(m["fid"]) and ev["fid_n_generated"] == 2
+    assert ev["generation_n_images"] == 2 and ev["understanding_n"] == 8
+    assert (run / "report.html").stat().st_size > 1000 and not (data / "world.json").exists()
+    # the data step checks every record; later steps read a stratified copy (here all of it: small data)
+    assert m["results"]["data"]["records"] == m["results"]["data"]["smoke_subset"] == {"train": 84, "test": 28}
+    assert (run / "smoke_data" / "images" / "train" / "000.png").is_file()
+    dec = m["results"]["decoder"]
+    assert dec["classes"] == 2 and dec["steps"] == 3  # "crimson stripes", "teal stripes" in train
+    assert dec["unconditional_train_images"] == 0
+    assert all(m["results"][f"stage{n}"]["steps"] == 3 for n in (1, 2, 3))
+    assert seconds < 120, f"smoke run took {seconds:.0f} s"
+
+
+def test_final_model_answers_and_generates(smoke_run):
+    from vargpt.config import SamplingConfig
+    from vargpt.generation.pipeline import Pipeline
+
+    root, data, _, _ = smoke_run
+    pipe = Pipeline.from_pretrained(root / "run" / "final")
+    (answer,) = pipe.answer([Image.open(data / "images" / "test" / "000.png")], ["Which colour dominates?"],
+                            max_new_tokens=4)
+    assert isinstance(answer, str)
+    (img,) = pipe.generate_images(["Paint teal vertical stripes, please."], sampling=SamplingConfig(seed=0))
+    assert img.image.size == (32, 32)
+
+
+def test_rerun_skips_finished_steps(smoke_run):
+    root, data, first, _ = smoke_run
+    markers = {p.name: p.stat().st_mtime_ns for p in (root / "run" / "steps").glob("*.json")}
+    assert len(markers) == len(STEPS)
+    t0 = time.perf_counter()
+    again = run_recipe(out_dir=root / "run", data_dir=data, smoke=True, progress=False)
+    assert time.perf_counter() - t0 < 10
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "run" / "steps").glob("*.json")} == markers
+    assert again["steps"] == first["steps"] and again["fid"] == first["fid"]
+    with pytest.raises(ValueError, match="smoke"):  # a full run may not reuse smoke steps
+        run_recipe(out_dir=root / "run", data_dir=data, smoke=False, progress=False)
+
+
+def test_smoke_pipeline_without_any_class(tmp_path):
+    data = write_stripes(tmp_path / "data", classes=False, n_train=12, n_test=6)
+    m = run_recipe(out_dir=tmp_path / "run", data_dir=data, smoke=True, progress=False)
+    assert set(m["steps"]) == {s.name for s in STEPS}
+    dec = m["results"]["decoder"]
+    assert dec["classes"] == 0 and dec["unconditional_train_images"] == dec["train_images"] == 12
+    assert m["results"]["stage1"]["train_records"] == 6  # no class prompts: every generation record
+    assert m["generation_accuracy"] is None and 0.0 <= m["understanding_accuracy"] <= 1.0
+    assert (tmp_path / "run" / "report.html").is_file()
+
+
+def test_cli_has_smoke():
+    from vargpt.cli import build_parser
+
+    a = build_parser().parse_args(["pipeline", "--out", "o", "--data", "d", "--smoke"])
+    assert a.smoke is True
+    assert build_parser().parse_args(["pipeline", "--out", "o"]).smoke is False
+
+
+def test_smoke_subset_keeps_every_kind_of_record(tmp_path):
+    from vargpt.data.records import load_records
+    from vargpt.recipe import _write_subset
+
+    data = write_stripes(tmp_path / "data", classes=True, n_train=8, n_test=2)  # 24 QA/captions, 2+2 generation
+    assert _write_subset(load_records(data, "train"), data, tmp_path / "sub", "train", 10) == 10
+    kinds = [(r.is_generation, r.cls is not None) for r in load_records(tmp_path / "sub", "train")]
+    assert kinds.count((True, True)) == 2 and kinds.count((True, False)) == 2 and kinds.count((False, False)) == 6
