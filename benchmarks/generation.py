@@ -95,12 +95,15 @@ def official_style_image(pipe: Pipeline, prompt: str, sampling: SamplingConfig, 
     S, pn_last = len(dec.patch_nums), dec.patch_nums[-1]
     f_hat = cond.new_zeros(1, dec.vq.z_channels, pn_last, pn_last)
     x = dec.embed_start(cond)
-    h_all = []
+    h_all, cond0 = [], cond
     for si, pn in enumerate(dec.patch_nums):
         hidden = m.language_model(m.image_gen_projector(x[:1]), cache=cache, use_cache=True,
                                   compute_logits=False).hidden_BTD
         noise = torch.randn(hidden.shape, generator=gen)
-        h_all.append(m.decoder_inputs(torch.cat([hidden, noise]), torch.cat([x[:1], x[:1]])))
+        h_si, c_si = m.decoder_inputs(torch.cat([hidden, noise]), torch.cat([x[:1], x[:1]]), cond0,
+                                      first_scale=si == 0)
+        cond = c_si if si == 0 else cond
+        h_all.append(h_si)
         h = torch.cat(h_all, dim=1)
         logits = dec.forward_blocks(h, cond, attn_bias=dec.causal_bias(h.shape[1]))[:, -pn * pn:]
         logits = cfg_mix(logits[:1], logits[1:], cfg_scale(si, S, sampling.cfg, sampling.cfg_schedule))
@@ -153,8 +156,9 @@ def no_cache_codes(pipe: Pipeline, prompts: list[str], sampling: SamplingConfig,
         hidden = llm(embeds, attention_mask=attn, position_ids=positions_from_padding(full_mask),
                      compute_logits=False).hidden_BTD[:, -x.shape[1]:]
         noise_all.append(torch.stack([torch.randn(pn * pn, hidden.shape[-1], generator=g) for g in gens]))
-        h = m.decoder_inputs(torch.cat([hidden, torch.cat(noise_all, dim=1)]), torch.cat([x, x]))
-        logits = dec.forward_blocks(h, cond, attn_bias=dec.causal_bias(h.shape[1]))[:, -pn * pn:]
+        h, cond_si = m.decoder_inputs(torch.cat([hidden, torch.cat(noise_all, dim=1)]), torch.cat([x, x]), cond,
+                                      first_scale=True)
+        logits = dec.forward_blocks(h, cond_si, attn_bias=dec.causal_bias(h.shape[1]))[:, -pn * pn:]
         logits = cfg_mix(logits[:B], logits[B:], cfg_scale(si, S, sampling.cfg, sampling.cfg_schedule))
         idx = sample_per_row(logits, gens, top_k=sampling.top_k, top_p=sampling.top_p,
                              temperature=sampling.temperature)

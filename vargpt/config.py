@@ -307,6 +307,11 @@ class GenProjectorConfig:
     last layer zero-initialised, so the assembled model starts as the pretrained decoder and the LLM adds
     the prompt. The residual form keeps what class-conditional pretraining learned; it matters when
     the generation stages are short (the tiny preset)."""
+    decoder_condition: Literal["fixed", "prompt"] = "fixed"
+    """The decoder's AdaLN condition: ``"fixed"`` (one learned row for every image, as the official
+    inference) or ``"prompt"``: that row plus the out-projected LLM state of the first generation slot
+    (the state that reads the prompt and predicts the first scale), so every decoder block is modulated by
+    the prompt as class-conditional VAR is by its class. No new parameters."""
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ("gelu", "gelu_tanh", "silu"):
@@ -315,6 +320,8 @@ class GenProjectorConfig:
             _fail(self, "llm_attention", self.llm_attention, "must be 'causal' or 'block_causal'")
         if self.decoder_input not in ("replace", "residual"):
             _fail(self, "decoder_input", self.decoder_input, "must be 'replace' or 'residual'")
+        if self.decoder_condition not in ("fixed", "prompt"):
+            _fail(self, "decoder_condition", self.decoder_condition, "must be 'fixed' or 'prompt'")
 
 
 @dataclass(frozen=True, kw_only=True)

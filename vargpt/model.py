@@ -123,14 +123,27 @@ class VARGPT(nn.Module):
         """Whether decoder blocks get their own token embeddings plus the LLM's (``decoder_input="residual"``)."""
         return self.cfg.gen_projector.decoder_input == "residual"
 
-    def decoder_inputs(self, hidden_NlD: torch.Tensor, tokens_NlC: torch.Tensor | None) -> torch.Tensor:
-        """Per-token decoder-block inputs from LLM states (and, in residual mode, the decoder's embeddings)."""
-        h_NlC = self.image_gen_projector_out(hidden_NlD)
+    def decoder_inputs(
+        self, hidden_NlD: torch.Tensor, tokens_NlC: torch.Tensor | None, cond_NC: torch.Tensor | None = None,
+        *, first_scale: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Per-token decoder-block inputs from LLM states (and, in residual mode, the decoder's embeddings).
+
+        With ``cond_NC`` given, also returns the AdaLN condition: ``cond_NC`` itself, or in
+        ``decoder_condition="prompt"`` mode, when the slots start at the first scale (``first_scale``),
+        ``cond_NC`` plus the out-projected state of the first slot.
+        """
+        p_NlC = self.image_gen_projector_out(hidden_NlD)
+        h_NlC = p_NlC
         if self.residual_decoder_input:
             if tokens_NlC is None:
                 raise ValueError("decoder_input='residual' needs the decoder-space token embeddings")
-            h_NlC = h_NlC + tokens_NlC.to(h_NlC.dtype)
-        return h_NlC
+            h_NlC = p_NlC + tokens_NlC.to(p_NlC.dtype)
+        if cond_NC is None:
+            return h_NlC
+        if first_scale and self.cfg.gen_projector.decoder_condition == "prompt":
+            cond_NC = cond_NC + p_NlC[:, 0].to(cond_NC.dtype)
+        return h_NlC, cond_NC
 
     @classmethod
     def from_config(cls, cfg: VARGPTConfig, token_ids: SpecialTokenIds) -> VARGPT:
@@ -251,7 +264,7 @@ class VARGPT(nn.Module):
 
         ``tokens_NLC`` (the decoder-space embeddings of the slots) is needed in residual mode.
         """
-        h_NLC = self.decoder_inputs(hidden_NLD, tokens_NLC)
+        h_NLC, cond_NC = self.decoder_inputs(hidden_NLD, tokens_NLC, cond_NC, first_scale=True)
         return self.vargpt_gen.forward_blocks(h_NLC, cond_NC, attn_bias=self.vargpt_gen.causal_bias())
 
     def _image_loss(self, hidden_NLD, cond_NC, gen_codes, tokens_NLC):  # noqa: ANN001, ANN202

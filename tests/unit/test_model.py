@@ -16,11 +16,12 @@ from vargpt.training.loop import set_trainable
 from vargpt.training.stages import vargpt_stages
 
 
-def _cfg(llm_attention="causal", decoder_input="residual"):
+def _cfg(llm_attention="causal", decoder_input="residual", decoder_condition="fixed"):
     cfg = VARGPTConfig.from_name("tiny")
     return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=2),
                                gen_projector=dataclasses.replace(cfg.gen_projector, llm_attention=llm_attention,
-                                                                 decoder_input=decoder_input))
+                                                                 decoder_input=decoder_input,
+                                                                 decoder_condition=decoder_condition))
 
 
 def _randomise_out_projector(model):
@@ -92,12 +93,14 @@ def test_text_logits_ignore_generation_targets_position(model, hf_tokenizer):
     assert model.token_ids.image_gen_start in targets and model.token_ids.image_gen_pad not in targets
 
 
-@pytest.mark.parametrize(("llm_attention", "decoder_input"),
-                         [("causal", "residual"), ("block_causal", "residual"), ("causal", "replace")])
-def test_teacher_forcing_equals_inference_loop(hf_tokenizer, llm_attention, decoder_input):
+@pytest.mark.parametrize(("llm_attention", "decoder_input", "decoder_condition"),
+                         [("causal", "residual", "fixed"), ("block_causal", "residual", "fixed"),
+                          ("causal", "replace", "fixed"), ("causal", "residual", "prompt")])
+def test_teacher_forcing_equals_inference_loop(hf_tokenizer, llm_attention, decoder_input, decoder_condition):
     """The LLM+decoder logits of teacher forcing equal the KV-cached scale-by-scale loop's (B=2, padded)."""
     torch.manual_seed(0)
-    model = VARGPT.from_config(_cfg(llm_attention, decoder_input), SpecialTokenIds.from_tokenizer(hf_tokenizer))
+    model = VARGPT.from_config(_cfg(llm_attention, decoder_input, decoder_condition),
+                               SpecialTokenIds.from_tokenizer(hf_tokenizer))
     model = _randomise_out_projector(model.eval())
     recs = [_rec(("user", "draw a red circle"), ("assistant", f"here{IMAGE_GEN}")),
             _rec(("user", "please draw a square"), ("assistant", f"sure thing{IMAGE_GEN}"))]

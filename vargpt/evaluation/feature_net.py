@@ -230,7 +230,7 @@ def _held_out_metrics(net: FeatureNet, samples: list[tuple[torch.Tensor, int]]) 
 
 
 def train_feature_net(
-    data_dir: str | Path, out_dir: str | Path, *, steps: int = 600, batch_size: int = 64, lr: float = 2e-3,
+    data_dir: str | Path, out_dir: str | Path, *, steps: int = 250, batch_size: int = 64, lr: float = 2e-3,
     image_size: int = 32, feature_dim: int = 64, width: int = 32, recon_weight: float = 1.0,
     max_images: int = 20000, seed: int = 0, progress: bool = True,
 ) -> dict[str, Any]:

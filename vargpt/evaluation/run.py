@@ -241,7 +241,7 @@ def add_feature_net_parser(subparsers: Any) -> argparse.ArgumentParser:
     s = subparsers.add_parser("feature-net", help="train the project's FID feature network on a dataset's images")
     s.add_argument("--data", type=Path, required=True, help="dataset folder (README format)")
     s.add_argument("--out", type=Path, required=True, help="output folder (checkpoint/, feature_net.json)")
-    s.add_argument("--steps", type=int, default=600)
+    s.add_argument("--steps", type=int, default=250)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--image-size", type=int, default=32, help="images are resized to this size")
     s.add_argument("--seed", type=int, default=0)

@@ -66,11 +66,12 @@ def tokenizer_oracle_scores(vqvae: Any, records: Sequence[Any], world: Any, *, l
     n = len(items)
     acc = (lambda h: round(h / n, 4)) if n else (lambda h: None)
     mse = se / n_pix if n_pix else None
+    psnr = None if mse is None else round(10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-10))).item(), 3)
     return {
         "tokenizer_oracle_accuracy": acc(rec_hits["colour+shape"]),
         "tokenizer_oracle_colour": acc(rec_hits["colour"]),
         "tokenizer_oracle_shape": acc(rec_hits["shape"]),
         "tokenizer_oracle_original": acc(orig_hits["colour+shape"]),
-        "tokenizer_psnr": round(10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-10))).item(), 3) if mse is not None else None,
+        "tokenizer_psnr": psnr,
         "tokenizer_oracle_n": n,
     }

@@ -5,7 +5,9 @@ classifier-free guidance; both halves share the image sampled so far.
 
 The seam for VARGPT is the *step function* ``step(si, x_BlC) -> h_BlC``. It receives the decoder-space
 inputs of the current scale (2B rows: SOS at scale 0, else word_embed(next-scale input) + level/pos
-embeddings) and returns the per-token inputs of the decoder blocks (2B rows):
+embeddings) and returns the per-token inputs of the decoder blocks (2B rows), or a pair
+``(h_BlC, cond_BC)`` that also replaces the AdaLN condition from this scale on (a step conditioning the
+decoder on the prompt does so at scale 0, before any block has run):
 
 * class-conditional VAR: :func:`identity_step`;
 * VARGPT (SPEC 3.8): gen-projector-in -> LLM (holding its own KV cache across calls) -> final-normed
@@ -41,8 +43,9 @@ from vargpt.generation.sampling import (
 Generators = torch.Generator | Sequence[torch.Generator] | None
 """One RNG for the whole batch, one per row (row b draws only from its own), or None (global RNG)."""
 
-StepFn = Callable[[int, torch.Tensor], torch.Tensor]
-"""``step(si, x_BlC) -> h_BlC``: decoder-space inputs of scale ``si`` -> per-token block inputs (2B rows)."""
+StepFn = Callable[[int, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+"""``step(si, x_BlC) -> h_BlC | (h_BlC, cond_BC)``: decoder-space inputs of scale ``si`` -> per-token block
+inputs (2B rows), optionally with a new AdaLN condition."""
 
 
 DEFAULT_SAMPLING = SamplingConfig()
@@ -140,7 +143,10 @@ def next_scale_steps(
     f_hat_BZhw = cond_BC.new_zeros(B, Z, patch_nums[-1], patch_nums[-1])
     x_BlC = decoder.embed_start(cond_BC)
     for si, pn in enumerate(patch_nums):
-        logits_2BlK = decoder.forward_blocks(step(si, x_BlC), cond_BC, cache=cache)
+        h_BlC = step(si, x_BlC)
+        if isinstance(h_BlC, tuple):
+            h_BlC, cond_BC = h_BlC
+        logits_2BlK = decoder.forward_blocks(h_BlC, cond_BC, cache=cache)
         t = cfg_scale(si, S, sampling.cfg, sampling.cfg_schedule)
         logits_BlK = cfg_mix(logits_2BlK[:B], logits_2BlK[B:], t)
         if forced_idx is not None:

@@ -58,8 +58,11 @@ class VARGPTScaleStep:
         """Key mask of everything cached so far."""
         return self.context.mask_BK
 
-    def __call__(self, si: int, x_2BlC: torch.Tensor) -> torch.Tensor:
-        """Per-token decoder inputs (2B, l, C) of scale ``si``: [LLM states ; unconditional] projected out."""
+    def __call__(self, si: int, x_2BlC: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Per-token decoder inputs (2B, l, C) of scale ``si``: [LLM states ; unconditional] projected out.
+
+        In ``decoder_condition="prompt"`` mode, scale 0 also returns the AdaLN condition of both halves.
+        """
         m = self.model
         B = x_2BlC.shape[0] // 2
         block = m.cfg.gen_projector.llm_attention == "block_causal"
@@ -69,7 +72,10 @@ class VARGPTScaleStep:
             uncond_BnD = self.uncond.extend(uncond_embeds_BnD, self.active_B, block=block).hidden_BTD
         else:
             uncond_BnD = self._noise(hidden_BnD)
-        return m.decoder_inputs(torch.cat([hidden_BnD, uncond_BnD]), x_2BlC)
+        hidden_2BnD = torch.cat([hidden_BnD, uncond_BnD])
+        if si == 0 and m.cfg.gen_projector.decoder_condition == "prompt":
+            return m.decoder_inputs(hidden_2BnD, x_2BlC, m.gen_condition(2 * B, x_2BlC.device), first_scale=True)
+        return m.decoder_inputs(hidden_2BnD, x_2BlC)
 
     def _noise(self, like_BnD: torch.Tensor) -> torch.Tensor:
         kw = dict(device=like_BnD.device, dtype=like_BnD.dtype)

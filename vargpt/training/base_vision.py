@@ -174,7 +174,7 @@ def train_vision_tower(
     text_width: int = 128,
     text_depth: int = 2,
     max_text_len: int = 64,
-    answer_loss_weight: float = 1.0,
+    answer_loss_weight: float = 4.0,
     train_cfg: TrainConfig | None = None,
     tower_overrides: dict[str, Any] | None = None,
     resume: bool = True,
@@ -190,7 +190,8 @@ def train_vision_tower(
             the tower) and logs.
         text_width / text_depth / max_text_len: the text encoder's size.
         answer_loss_weight: weight of the auxiliary question-conditioned answer loss (0 = pure CLIP;
-            see :mod:`vargpt.understanding.contrastive`).
+            see :mod:`vargpt.understanding.contrastive`). 4 measured best on ShapesWorld (tiny LLaVA
+            held-out position accuracy 0.31 at weight 1 -> 0.53 at 4; colour 0.77 -> 0.79).
         train_cfg / overrides: optimiser recipe (default :data:`VISION_TRAIN`) and field overrides.
         tower_overrides: replace fields of the preset's :class:`~vargpt.config.VisionTowerConfig`
             (stored in the checkpoint, so later steps follow).

@@ -45,7 +45,7 @@ RECIPES: dict[str, TrainConfig] = {
     # Tuned on ShapesWorld 32 px with 2 CPU threads (benchmarks/decoder.py): a ~5 minute budget.
     "tiny": TrainConfig(
         name="decoder-tiny", lr=2e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_ratio=0.05,
-        schedule="cosine", min_lr_ratio=0.05, batch_size=64, max_steps=300, grad_clip=2.0, save_every=100,
+        schedule="cosine", min_lr_ratio=0.05, batch_size=64, max_steps=500, grad_clip=2.0, save_every=100,
     ),
     # VAR-d30 recipe (SPEC 5): peak lr 8e-5 * 1024 / 256 = 3.2e-4, wd 0.05, betas (0.9, 0.95), clip 2.0;
     # per-process batch here, scale with the number of processes.

@@ -70,8 +70,10 @@ def vargpt_stages(preset: str) -> dict[str, StageSpec]:
         t2 = TrainConfig(name="stage2", lr=5e-5, batch_size=8, grad_accum=4, epochs=1, weight_decay=0.0)
         t3 = TrainConfig(name="stage3", lr=5e-5, batch_size=8, grad_accum=16, epochs=12, weight_decay=0.0)
     elif preset == "tiny":
-        t1 = TrainConfig(name="stage1", lr=2e-3, batch_size=32, max_steps=150, weight_decay=0.0, eval_every=50)
-        t2 = TrainConfig(name="stage2", lr=5e-4, batch_size=32, max_steps=200, weight_decay=0.0, eval_every=50)
+        # With the residual decoder input the assembled model already generates as the pretrained decoder;
+        # stage 1 only starts the projectors (measured: 150 steps move the held-out loss by < 0.5%).
+        t1 = TrainConfig(name="stage1", lr=2e-3, batch_size=32, max_steps=60, weight_decay=0.0, eval_every=30)
+        t2 = TrainConfig(name="stage2", lr=5e-4, batch_size=32, max_steps=150, weight_decay=0.0, eval_every=50)
         # Stage 3 continues the decoder's class-conditional training (residual decoder input), so it keeps
         # a decoder-like learning rate.
         t3 = TrainConfig(name="stage3", lr=1e-3, batch_size=32, max_steps=250, weight_decay=0.0, eval_every=50)
