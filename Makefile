@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/vargpt pipeline --preset tiny --out $(RUN)
+	@echo "--- a held-out image, a question, then a drawing request ($(RUN)/final) ---"
+	$(BIN)/vargpt chat --model $(RUN)/final --image $(RUN)/data/images/test/000001.png "What colour is the shape?"
+	$(BIN)/vargpt chat --model $(RUN)/final --out $(RUN)/chat "Please draw a large red circle."
+	@echo "report: $(RUN)/report.html   metrics: $(RUN)/metrics.json"
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -205,7 +205,7 @@ def _lm_loss(model: LLMBackbone, ids_BT: torch.Tensor) -> dict[str, torch.Tensor
 
 
 LLM_TRAIN = TrainConfig(name="base-llm", lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_ratio=0.1,
-                        min_lr_ratio=0.1, batch_size=16, max_steps=40, grad_clip=1.0)
+                        min_lr_ratio=0.1, batch_size=16, max_steps=300, grad_clip=1.0)
 """Default recipe of :func:`train_llm` (tiny model, high lr, short cosine)."""
 
 
