@@ -123,9 +123,7 @@ def test_rerun_skips_finished_steps(smoke_run):
     root, data, first, _ = smoke_run
     markers = {p.name: p.stat().st_mtime_ns for p in (root / "run" / "steps").glob("*.json")}
     assert len(markers) == len(STEPS)
-    t0 = time.perf_counter()
-    again = run_recipe(out_dir=root / "run", data_dir=data, smoke=True, progress=False)
-    assert time.perf_counter() - t0 < 10
+    again = run_recipe(out_dir=root / "run", data_dir=data, smoke=True, progress=False)  # nothing retrains:
     assert {p.name: p.stat().st_mtime_ns for p in (root / "run" / "steps").glob("*.json")} == markers
     assert again["steps"] == first["steps"] and again["fid"] == first["fid"]
     with pytest.raises(ValueError, match="smoke"):  # a full run may not reuse smoke steps
