@@ -95,15 +95,15 @@ def official_style_image(pipe: Pipeline, prompt: str, sampling: SamplingConfig, 
     S, pn_last = len(dec.patch_nums), dec.patch_nums[-1]
     f_hat = cond.new_zeros(1, dec.vq.z_channels, pn_last, pn_last)
     x = dec.embed_start(cond)
-    h_all, cond0 = [], cond
+    h_all = []
     for si, pn in enumerate(dec.patch_nums):
         hidden = m.language_model(m.image_gen_projector(x[:1]), cache=cache, use_cache=True,
                                   compute_logits=False).hidden_BTD
         noise = torch.randn(hidden.shape, generator=gen)
-        h_si, c_si = m.decoder_inputs(torch.cat([hidden, noise]), torch.cat([x[:1], x[:1]]), cond0,
-                                      first_scale=si == 0)
-        cond = c_si if si == 0 else cond
-        h_all.append(h_si)
+        hidden_2 = torch.cat([hidden, noise])
+        if si == 0:
+            cond = m.decoder_condition(cond, hidden_2[:, 0])
+        h_all.append(m.decoder_inputs(hidden_2, torch.cat([x[:1], x[:1]])))
         h = torch.cat(h_all, dim=1)
         logits = dec.forward_blocks(h, cond, attn_bias=dec.causal_bias(h.shape[1]))[:, -pn * pn:]
         logits = cfg_mix(logits[:1], logits[1:], cfg_scale(si, S, sampling.cfg, sampling.cfg_schedule))
@@ -156,9 +156,10 @@ def no_cache_codes(pipe: Pipeline, prompts: list[str], sampling: SamplingConfig,
         hidden = llm(embeds, attention_mask=attn, position_ids=positions_from_padding(full_mask),
                      compute_logits=False).hidden_BTD[:, -x.shape[1]:]
         noise_all.append(torch.stack([torch.randn(pn * pn, hidden.shape[-1], generator=g) for g in gens]))
-        h, cond_si = m.decoder_inputs(torch.cat([hidden, torch.cat(noise_all, dim=1)]), torch.cat([x, x]), cond,
-                                      first_scale=True)
-        logits = dec.forward_blocks(h, cond_si, attn_bias=dec.causal_bias(h.shape[1]))[:, -pn * pn:]
+        hidden_2 = torch.cat([hidden, torch.cat(noise_all, dim=1)])
+        h = m.decoder_inputs(hidden_2, torch.cat([x, x]))
+        cond_2 = m.decoder_condition(cond, hidden_2[:, 0])
+        logits = dec.forward_blocks(h, cond_2, attn_bias=dec.causal_bias(h.shape[1]))[:, -pn * pn:]
         logits = cfg_mix(logits[:B], logits[B:], cfg_scale(si, S, sampling.cfg, sampling.cfg_schedule))
         idx = sample_per_row(logits, gens, top_k=sampling.top_k, top_p=sampling.top_p,
                              temperature=sampling.temperature)

@@ -35,7 +35,7 @@ from vargpt.tokenizer.vqvae import MultiScaleVQVAE
 from vargpt.understanding.projector import UnderstandingProjector
 from vargpt.understanding.vision_tower import VisionTower
 from vargpt.visual_decoder.decoder import VisualDecoder
-from vargpt.visual_decoder.loss import code_loss, token_weights
+from vargpt.visual_decoder.loss import code_loss
 from vargpt.visual_decoder.projectors import GenProjector
 
 
@@ -123,27 +123,21 @@ class VARGPT(nn.Module):
         """Whether decoder blocks get their own token embeddings plus the LLM's (``decoder_input="residual"``)."""
         return self.cfg.gen_projector.decoder_input == "residual"
 
-    def decoder_inputs(
-        self, hidden_NlD: torch.Tensor, tokens_NlC: torch.Tensor | None, cond_NC: torch.Tensor | None = None,
-        *, first_scale: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Per-token decoder-block inputs from LLM states (and, in residual mode, the decoder's embeddings).
-
-        With ``cond_NC`` given, also returns the AdaLN condition: ``cond_NC`` itself, or in
-        ``decoder_condition="prompt"`` mode, when the slots start at the first scale (``first_scale``),
-        ``cond_NC`` plus the out-projected state of the first slot.
-        """
-        p_NlC = self.image_gen_projector_out(hidden_NlD)
-        h_NlC = p_NlC
+    def decoder_inputs(self, hidden_NlD: torch.Tensor, tokens_NlC: torch.Tensor | None) -> torch.Tensor:
+        """Per-token decoder-block inputs from LLM states (and, in residual mode, the decoder's embeddings)."""
+        h_NlC = self.image_gen_projector_out(hidden_NlD)
         if self.residual_decoder_input:
             if tokens_NlC is None:
                 raise ValueError("decoder_input='residual' needs the decoder-space token embeddings")
-            h_NlC = p_NlC + tokens_NlC.to(p_NlC.dtype)
-        if cond_NC is None:
-            return h_NlC
-        if first_scale and self.cfg.gen_projector.decoder_condition == "prompt":
-            cond_NC = cond_NC + p_NlC[:, 0].to(cond_NC.dtype)
-        return h_NlC, cond_NC
+            h_NlC = h_NlC + tokens_NlC.to(h_NlC.dtype)
+        return h_NlC
+
+    def decoder_condition(self, cond_NC: torch.Tensor, first_hidden_ND: torch.Tensor) -> torch.Tensor:
+        """AdaLN condition of the decoder: ``cond_NC`` (``decoder_condition="fixed"``), or that plus the
+        out-projected LLM state of the first generation slot (``"prompt"``)."""
+        if self.cfg.gen_projector.decoder_condition != "prompt":
+            return cond_NC
+        return cond_NC + self.image_gen_projector_out(first_hidden_ND).to(cond_NC.dtype)
 
     @classmethod
     def from_config(cls, cfg: VARGPTConfig, token_ids: SpecialTokenIds) -> VARGPT:
@@ -264,7 +258,8 @@ class VARGPT(nn.Module):
 
         ``tokens_NLC`` (the decoder-space embeddings of the slots) is needed in residual mode.
         """
-        h_NLC, cond_NC = self.decoder_inputs(hidden_NLD, tokens_NLC, cond_NC, first_scale=True)
+        h_NLC = self.decoder_inputs(hidden_NLD, tokens_NLC)
+        cond_NC = self.decoder_condition(cond_NC, hidden_NLD[:, 0])
         return self.vargpt_gen.forward_blocks(h_NLC, cond_NC, attn_bias=self.vargpt_gen.causal_bias())
 
     def _image_loss(self, hidden_NLD, cond_NC, gen_codes, tokens_NLC):  # noqa: ANN001, ANN202
@@ -274,7 +269,6 @@ class VARGPT(nn.Module):
             hidden_NLD = torch.where(drop, torch.randn_like(hidden_NLD), hidden_NLD)
         logits_NLK = self.decode_image_logits(hidden_NLD, cond_NC, tokens_NLC)
         gt_NL = torch.cat(list(gen_codes), dim=1)
-        loss = code_loss(logits_NLK, gt_NL, token_weights(self.vargpt_gen.patch_nums,
-                                                          self.cfg.visual_decoder.loss_weighting))
+        loss = code_loss(logits_NLK, gt_NL, self.vargpt_gen.loss_weights_L)
         acc = (logits_NLK.argmax(-1) == gt_NL).float().mean()
         return loss, acc.detach(), logits_NLK

@@ -73,9 +73,10 @@ class VARGPTScaleStep:
         else:
             uncond_BnD = self._noise(hidden_BnD)
         hidden_2BnD = torch.cat([hidden_BnD, uncond_BnD])
+        h_2BlC = m.decoder_inputs(hidden_2BnD, x_2BlC)
         if si == 0 and m.cfg.gen_projector.decoder_condition == "prompt":
-            return m.decoder_inputs(hidden_2BnD, x_2BlC, m.gen_condition(2 * B, x_2BlC.device), first_scale=True)
-        return m.decoder_inputs(hidden_2BnD, x_2BlC)
+            return h_2BlC, m.decoder_condition(m.gen_condition(2 * B, x_2BlC.device), hidden_2BnD[:, 0])
+        return h_2BlC
 
     def _noise(self, like_BnD: torch.Tensor) -> torch.Tensor:
         kw = dict(device=like_BnD.device, dtype=like_BnD.dtype)

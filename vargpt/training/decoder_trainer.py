@@ -34,7 +34,7 @@ from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
 from vargpt.training.checkpoint import is_checkpoint, load_checkpoint
 from vargpt.training.loop import train
 from vargpt.visual_decoder.decoder import VisualDecoder
-from vargpt.visual_decoder.loss import code_loss, token_weights
+from vargpt.visual_decoder.loss import code_loss
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def decoder_loss(model: VisualDecoder, batch: dict[str, torch.Tensor]) -> dict[s
     """Cross-entropy of teacher-forced logits (weighted as ``cfg.loss_weighting``; VAR's token mean,
     SPEC 2.8, by default), the plain token-mean ``token_ce`` and the token accuracy."""
     logits_BLK = model(batch["labels_B"], batch["x_BlZ"])
-    loss = code_loss(logits_BLK, batch["gt_BL"], token_weights(model.patch_nums, model.cfg.loss_weighting))
+    loss = code_loss(logits_BLK, batch["gt_BL"], model.loss_weights_L)
     with torch.no_grad():
         token_ce = F.cross_entropy(logits_BLK.flatten(0, 1), batch["gt_BL"].flatten())
     acc = (logits_BLK.detach().argmax(-1) == batch["gt_BL"]).float().mean()

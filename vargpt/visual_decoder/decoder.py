@@ -27,6 +27,7 @@ from torch import nn
 from vargpt.config import VisualDecoderConfig, VQVAEConfig
 from vargpt.tokenizer.scales import scale_ids, scale_offsets
 from vargpt.visual_decoder.blocks import AdaLNBeforeHead, AdaLNSelfAttn
+from vargpt.visual_decoder.loss import token_weights
 from vargpt.visual_decoder.masks import block_causal_bias
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class VisualDecoder(nn.Module):
         self.lvl_embed = nn.Embedding(vq.num_scales, C)
         self.register_buffer("lvl_1L", scale_ids(self.patch_nums).view(1, L))
         self.register_buffer("attn_bias_for_masking", block_causal_bias(self.patch_nums).view(1, 1, L, L))
+        # Per-token weights of the code cross-entropy (cfg.loss_weighting); derived, so not saved.
+        self.register_buffer("loss_weights_L", token_weights(self.patch_nums, cfg.loss_weighting), persistent=False)
 
         # Blocks with a linear stochastic-depth ramp 0 .. drop_path_rate (SPEC 2.1).
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
