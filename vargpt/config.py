@@ -158,6 +158,15 @@ class VisualDecoderConfig:
     """AdaLN scale/shift weight multiplier at init."""
     init_adaln_gamma: float = 1e-5
     """AdaLN gamma weight multiplier at init (VAR's alng)."""
+    class_names: tuple[str, ...] = ()
+    """Names of the class rows (label i is ``class_names[i]``) when known, e.g. the classes of the
+    class-conditional pretraining; used to align prompts with classes (``TrainConfig.cond_align_weight``)."""
+    pos_init: Literal["trunc_normal", "sincos"] = "trunc_normal"
+    """Init of the per-token position embedding ``pos_1LC``: ``"trunc_normal"`` (VAR) or ``"sincos"``: a
+    2D sine-cosine code of each token's centre in image coordinates, shared by all scales (a token and
+    the tokens under it at finer scales start with similar embeddings), scaled to VAR's std. Only the
+    init differs (same parameter, still learned); it gives a short run the spatial locality VAR learns
+    over many epochs."""
 
     def __post_init__(self) -> None:
         _positive(self, "depth", "width", "num_heads", "num_classes")
@@ -168,6 +177,11 @@ class VisualDecoderConfig:
         _unit_interval(self, "drop_path_rate", "cond_drop_rate")
         if self.loss_weighting not in ("token", "scale"):
             _fail(self, "loss_weighting", self.loss_weighting, "must be 'token' or 'scale'")
+        if len(self.class_names) > self.num_classes:
+            _fail(self, "class_names", f"<{len(self.class_names)} names>",
+                  f"more names than num_classes={self.num_classes}")
+        if self.pos_init not in ("trunc_normal", "sincos"):
+            _fail(self, "pos_init", self.pos_init, "must be 'trunc_normal' or 'sincos'")
 
     @property
     def head_dim(self) -> int:
@@ -424,6 +438,12 @@ class TrainConfig:
     """Weight of the text cross-entropy."""
     image_loss_weight: float = 1.0
     """Weight of the image-code cross-entropy."""
+    cond_align_weight: float = 0.0
+    """Weight of the condition-alignment loss (:meth:`vargpt.model.VARGPT.forward`): for generated images
+    whose record names a class of the visual decoder, the out-projected LLM state of the first generation
+    slot is pulled towards that class's embedding minus the unconditional row, i.e. the prompt is mapped
+    onto the condition the class-conditionally pretrained decoder already draws from (0 = off, the
+    paper's stage 1 trains on the code loss alone)."""
     eval_every: int = 0
     """Held-out loss every N steps (0 = only at start and end)."""
     save_every: int = 0
@@ -440,7 +460,7 @@ class TrainConfig:
         if self.schedule not in ("cosine", "linear", "constant"):
             _fail(self, "schedule", self.schedule, "must be cosine, linear or constant")
         _positive(self, "batch_size", "grad_accum", "max_steps")
-        for name in ("epochs", "grad_clip", "text_loss_weight", "image_loss_weight"):
+        for name in ("epochs", "grad_clip", "text_loss_weight", "image_loss_weight", "cond_align_weight"):
             if getattr(self, name) < 0:
                 _fail(self, name, getattr(self, name), "must be >= 0")
         for name in ("eval_every", "save_every"):
@@ -601,7 +621,7 @@ def _tiny() -> VARGPTConfig:
             architecture="llama", vocab_size=1024, hidden_size=192, intermediate_size=512,
             num_layers=4, num_heads=4, num_kv_heads=4, max_position_embeddings=512,
         ),
-        gen_projector=GenProjectorConfig(decoder_input="residual"),
+        gen_projector=GenProjectorConfig(decoder_input="residual", decoder_condition="prompt"),
         chat=ChatConfig(system_prompt=""),
         sampling=SamplingConfig(cfg=2.0, top_k=0, top_p=0.0, max_new_tokens=48),
     )

@@ -56,6 +56,8 @@ class VARGPTBatch:
         image_feats: (N_in, P, F) precomputed vision-tower features (the tower is frozen in every
             stage, so data pipelines may cache them), or None.
         gen_codes: per scale, (N_gen, pn^2) ground-truth codes of the generated images, or None.
+        gen_labels: (N_gen,) the visual decoder's class of each generated image (-1: none), or None;
+            only the condition-alignment loss reads it.
     """
 
     input_ids: torch.Tensor
@@ -64,12 +66,14 @@ class VARGPTBatch:
     pixel_values: torch.Tensor | None = None
     image_feats: torch.Tensor | None = None
     gen_codes: list[torch.Tensor] | None = None
+    gen_labels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> VARGPTBatch:
         """Move every tensor to ``device``."""
         mv = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return VARGPTBatch(mv(self.input_ids), mv(self.labels), mv(self.attention_mask), mv(self.pixel_values),
-                           mv(self.image_feats), None if self.gen_codes is None else [mv(c) for c in self.gen_codes])
+                           mv(self.image_feats), None if self.gen_codes is None else [mv(c) for c in self.gen_codes],
+                           mv(self.gen_labels))
 
 
 @dataclass
@@ -83,6 +87,7 @@ class VARGPTOutput:
     image_accuracy: torch.Tensor
     text_tokens: int
     image_tokens: int
+    align_loss: torch.Tensor | None = None
 
 
 class VARGPT(nn.Module):
@@ -201,15 +206,19 @@ class VARGPT(nn.Module):
         return torch.where(is_gen_BT, lvl_L[rank_BT], torch.full_like(rank_BT, -1))
 
     # ---- forward -----------------------------------------------------------------------------------
-    def forward(self, batch: VARGPTBatch, *, text_weight: float = 1.0, image_weight: float = 1.0) -> VARGPTOutput:
+    def forward(self, batch: VARGPTBatch, *, text_weight: float = 1.0, image_weight: float = 1.0,
+                align_weight: float = 0.0) -> VARGPTOutput:
         """Teacher-forced losses of a mixed batch (SPEC 3.5).
 
         Args:
             batch: ids/labels/mask plus input images (pixels or cached features) and target codes.
             text_weight, image_weight: loss weights; a zero weight skips that head's computation.
+            align_weight: weight of :meth:`condition_alignment_loss` over the generated images with a
+                class label (``batch.gen_labels``); 0 skips it.
 
         Returns:
-            :class:`VARGPTOutput`; ``loss = text_weight * text CE + image_weight * image CE``.
+            :class:`VARGPTOutput`; ``loss = text_weight * text CE + image_weight * image CE
+            + align_weight * alignment``.
         """
         ids = batch.input_ids
         embeds_BTD = self.language_model.embed(ids)
@@ -239,7 +248,32 @@ class VARGPT(nn.Module):
             image_loss, acc, logits = self._image_loss(hidden_BTD[gen_slots_BT].view(n_gen, L, -1), cond_NC,
                                                        batch.gen_codes, tokens_NLC)
         loss = text_weight * text_loss + image_weight * image_loss
-        return VARGPTOutput(loss, text_loss.detach(), image_loss.detach(), logits, acc, n_text, n_gen * L)
+        align_loss = zero
+        if n_gen and align_weight > 0 and batch.gen_labels is not None:
+            align_loss = self.condition_alignment_loss(hidden_BTD[gen_slots_BT].view(n_gen, L, -1)[:, 0],
+                                                       batch.gen_labels)
+            loss = loss + align_weight * align_loss
+        return VARGPTOutput(loss, text_loss.detach(), image_loss.detach(), logits, acc, n_text, n_gen * L,
+                            align_loss.detach())
+
+    def condition_alignment_loss(self, first_hidden_ND: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+        """Pull the prompt's condition towards the decoder's class embedding (``cond_align_weight``).
+
+        For every image whose label is a class (>= 0), the out-projected LLM state of the first
+        generation slot (the one that reads the prompt and predicts the first scale; it is added to the
+        start token and, with ``decoder_condition="prompt"``, to the AdaLN condition) should equal
+        ``class_emb[label] - class_emb[uncond]``: then the decoder sees exactly the condition it was
+        pretrained with for that class. Squared error relative to the targets' mean squared norm
+        (1.0 = predicting zero); the targets are constants (no gradient into the class table).
+        """
+        keep = labels_N >= 0
+        if not bool(keep.any()):
+            return first_hidden_ND.sum() * 0.0
+        table = self.vargpt_gen.class_emb.weight
+        target_NC = (table[labels_N[keep]] - table[self.vargpt_gen.uncond_label]).detach()
+        pred_NC = self.image_gen_projector_out(first_hidden_ND[keep]).float()
+        err = (pred_NC - target_NC.float()).pow(2).sum(-1).mean()
+        return err / target_NC.float().pow(2).sum(-1).mean().clamp_min(1e-12)
 
     def _text_loss(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Shifted CE over assistant targets; the LM head runs only where there is a target."""

@@ -45,3 +45,25 @@ def test_three_stages_train_only_their_parameters(setup):
     res = train_stage("stage3", from_dir=root / "stage2", data_dir=root / "data", out_dir=root / "stage3",
                       max_steps=3, resume=True, max_eval=8, progress=False)
     assert res["steps"] == 3
+
+
+def test_generated_images_carry_their_decoder_class(setup, hf_tokenizer):
+    """VARGPTDataset labels each generated image with its record's class index in the decoder's
+    ``class_names`` (-1 when absent), and the collated batch keeps them in generation-slot order."""
+    import dataclasses
+
+    from vargpt.data.datasets import VARGPTDataset, collate_vargpt
+    from vargpt.data.records import load_records
+
+    recs = [r for r in load_records(setup / "data", "train") if r.is_generation][:6]
+    names = sorted({r.cls for r in recs if r.cls})[:-1]  # leave one class out -> label -1
+    cfg = VARGPTConfig.from_name("tiny")
+    cfg = dataclasses.replace(cfg, visual_decoder=dataclasses.replace(cfg.visual_decoder, class_names=tuple(names)))
+    model = VARGPT.from_config(cfg, SpecialTokenIds.from_tokenizer(hf_tokenizer))
+    ds = VARGPTDataset(recs, hf_tokenizer, model, progress=False)
+    want = [names.index(r.cls) if r.cls in names else -1 for r in recs]
+    assert [int(s.gen_labels[0]) for s in ds] == want and -1 in want
+    batch = collate_vargpt([ds[i] for i in range(len(ds))], model.token_ids.pad)
+    assert batch.gen_labels.tolist() == want
+    out = model(batch, text_weight=0.0, image_weight=0.0, align_weight=1.0)
+    assert out.align_loss > 0 and torch.isfinite(out.loss)

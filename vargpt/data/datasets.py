@@ -28,6 +28,7 @@ class VARGPTSample:
     encoded: EncodedSample
     image_feats: torch.Tensor | None  # (N_in, P, F)
     gen_codes: tuple[torch.Tensor, ...] | None  # per scale (N_gen, pn^2)
+    gen_labels: torch.Tensor | None = None  # (N_gen,) decoder class of each generated image, -1 if none
 
 
 def _batched(paths: Sequence[Path], fn: Callable[[torch.Tensor], object], load: Callable[[Path], torch.Tensor],
@@ -70,11 +71,14 @@ class VARGPTDataset(torch.utils.data.Dataset):
             feats = _batched(inputs, tower, load_in, batch_size, "vision features", progress)
             codes = _batched(targets, model.vae_local.encode, lambda p: image_to_tensor(load_image(p, size)),
                              batch_size, "VQ codes", progress)
-        for e in enc:
+        # A record's class labels its generated images when it is one of the decoder's classes.
+        class_index = {name: i for i, name in enumerate(cfg.visual_decoder.class_names)}
+        for rec, e in zip(records, enc, strict=True):
             f = torch.stack([feats[p] for p in e.input_images]) if e.input_images else None
             c = (tuple(torch.stack([codes[p][s] for p in e.gen_images]) for s in range(cfg.vqvae.num_scales))
                  if e.gen_images else None)
-            self.samples.append(VARGPTSample(e, f, c))
+            self.samples.append(VARGPTSample(e, f, c, torch.full((len(e.gen_images),), class_index.get(rec.cls, -1))
+                                             if e.gen_images else None))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -91,5 +95,9 @@ def collate_vargpt(samples: Sequence[VARGPTSample], pad_id: int):  # noqa: ANN20
     feats = [s.image_feats for s in samples if s.image_feats is not None]
     codes = [s.gen_codes for s in samples if s.gen_codes is not None]
     gen = [torch.cat([c[k] for c in codes]) for k in range(len(codes[0]))] if codes else None
+    labels = None
+    if codes:
+        labels = torch.cat([s.gen_labels if s.gen_labels is not None else torch.full((s.gen_codes[0].shape[0],), -1)
+                            for s in samples if s.gen_codes is not None])
     return VARGPTBatch(tb.input_ids, tb.labels, tb.attention_mask, image_feats=torch.cat(feats) if feats else None,
-                       gen_codes=gen)
+                       gen_codes=gen, gen_labels=labels)

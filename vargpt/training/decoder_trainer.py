@@ -259,13 +259,15 @@ def load_decoder(ckpt_dir: str | Path, *, map_location: str | torch.device = "cp
     """Load a decoder written by :func:`train_decoder` (``out_dir`` or ``out_dir/checkpoint``), in eval mode.
 
     Returns:
-        (decoder, classes): label i of the decoder is the class name ``classes[i]``.
+        (decoder, classes): label i of the decoder is the class name ``classes[i]`` (also
+        ``decoder.cfg.class_names``).
     """
     d = Path(ckpt_dir)
     if not is_checkpoint(d) and is_checkpoint(d / CHECKPOINT_SUBDIR):
         d = d / CHECKPOINT_SUBDIR
     state, config, _ = load_checkpoint(d, with_trainer_state=False)
-    dc = VisualDecoderConfig(**config["visual_decoder"])
+    classes = list(config.get("classes", []))
+    dc = VisualDecoderConfig(**{**config["visual_decoder"], "class_names": tuple(classes)})
     model = VisualDecoder(dc, vqvae_config_from_dict(config["vqvae"]))
     model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval(), list(config.get("classes", []))
+    return model.to(map_location).eval(), classes

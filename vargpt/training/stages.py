@@ -69,6 +69,7 @@ def vargpt_stages(preset: str) -> dict[str, StageSpec]:
         t1 = TrainConfig(name="stage1", lr=1e-3, batch_size=8, grad_accum=16, epochs=1, weight_decay=0.0)
         t2 = TrainConfig(name="stage2", lr=5e-5, batch_size=8, grad_accum=4, epochs=1, weight_decay=0.0)
         t3 = TrainConfig(name="stage3", lr=5e-5, batch_size=8, grad_accum=16, epochs=12, weight_decay=0.0)
+        align = 0.0
     elif preset == "tiny":
         # With the residual decoder input the assembled model already generates as the pretrained decoder;
         # stage 1 only starts the projectors (measured: 150 steps move the held-out loss by < 0.5%).
@@ -77,6 +78,9 @@ def vargpt_stages(preset: str) -> dict[str, StageSpec]:
         # Stage 3 continues the decoder's class-conditional training (residual decoder input), so it keeps
         # a decoder-like learning rate.
         t3 = TrainConfig(name="stage3", lr=1e-3, batch_size=32, max_steps=250, weight_decay=0.0, eval_every=50)
+        # Class prompts are mapped onto the pretrained decoder's class conditions (measured: the code loss
+        # alone leaves the prompt unused after stage 1, held-out loss equal with shuffled prompts).
+        align = 1.0
     else:
         raise ConfigError(f"no stage recipe for preset {preset!r}; choose 'tiny' or 'vargpt-v1-7b'")
     return {
@@ -84,16 +88,17 @@ def vargpt_stages(preset: str) -> dict[str, StageSpec]:
             name="stage1", select=_class_prompts,
             train=dataclasses.replace(t1, trainable=(*GEN_PROJECTORS, "vargpt_gen.class_emb.*",
                                                      "vargpt_gen.pos_start"),
-                                      text_loss_weight=0.0, image_loss_weight=1.0),
+                                      text_loss_weight=0.0, image_loss_weight=1.0,
+                                      cond_align_weight=align),
             description="align: generation projectors + condition/start embedding on class prompts"),
         "stage2": StageSpec(
             name="stage2", select=_mixed(gen_share=0.2),
             train=dataclasses.replace(t2, trainable=("language_model.*", "multi_modal_projector.*"),
-                                      text_loss_weight=1.0, image_loss_weight=1.0),
+                                      text_loss_weight=1.0, image_loss_weight=1.0, cond_align_weight=align),
             description="SFT understanding: LLM + projector on mixed understanding/generation instructions"),
         "stage3": StageSpec(
             name="stage3", select=_caption_generation,
             train=dataclasses.replace(t3, trainable=("vargpt_gen.*", *GEN_PROJECTORS),
-                                      text_loss_weight=0.0, image_loss_weight=1.0),
+                                      text_loss_weight=0.0, image_loss_weight=1.0, cond_align_weight=align),
             description="SFT generation: visual decoder + generation projectors on generation instructions"),
     }

@@ -29,14 +29,17 @@ logger = logging.getLogger(__name__)
 MODEL_SUBDIR = "model"
 
 
-def stage_loss_fn(text_weight: float, image_weight: float):  # noqa: ANN201
+def stage_loss_fn(text_weight: float, image_weight: float, align_weight: float = 0.0):  # noqa: ANN201
     """``loss_fn(model, batch)`` for :func:`vargpt.training.loop.train`."""
 
     def loss_fn(model, batch) -> dict[str, torch.Tensor]:  # noqa: ANN001
         device = next(model.parameters()).device
-        out = model(batch.to(device), text_weight=text_weight, image_weight=image_weight)
-        return {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss,
-                "image_acc": out.image_accuracy}
+        out = model(batch.to(device), text_weight=text_weight, image_weight=image_weight, align_weight=align_weight)
+        metrics = {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss,
+                   "image_acc": out.image_accuracy}
+        if align_weight > 0:
+            metrics["align_loss"] = out.align_loss
+        return metrics
 
     return loss_fn
 
@@ -117,7 +120,8 @@ def train_stage(
     logger.info("%s: %d train / %d held-out records", stage, len(train_recs), len(test_recs))
     train_ds = VARGPTDataset(train_recs, tokenizer, model, progress=progress)
     eval_ds = VARGPTDataset(test_recs, tokenizer, model, progress=progress) if test_recs else None
-    result = train(model, loss_fn=stage_loss_fn(cfg.text_loss_weight, cfg.image_loss_weight), train_data=train_ds,
+    result = train(model, loss_fn=stage_loss_fn(cfg.text_loss_weight, cfg.image_loss_weight,
+                                                                     cfg.cond_align_weight), train_data=train_ds,
                    collate=partial(collate_vargpt, pad_id=model.token_ids.pad), cfg=cfg, out_dir=out / "train",
                    eval_data=eval_ds, save_config=model.cfg.to_dict(), resume=resume, progress=progress)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -34,6 +34,28 @@ if TYPE_CHECKING:
     from vargpt.generation.cache import DecoderKVCache
 
 
+def sincos_positions(patch_nums: tuple[int, ...], width: int, *, std: float) -> torch.Tensor:
+    """2D sine-cosine position codes of every token of every scale, (L, width), RMS ``std``.
+
+    A token (i, j) of scale pn sits at ((i + 0.5) / pn, (j + 0.5) / pn) in the unit square; each axis gets
+    width/4 sine and width/4 cosine channels with angular frequencies from pi to pn_max * pi (wavelengths
+    from two image widths down to two finest-scale cells), so nearby positions, at any scale, get
+    similar codes.
+    """
+    if width % 4:
+        raise ValueError(f"sincos positions need a width divisible by 4, got {width}")
+    n = width // 4
+    omega_n = math.pi * torch.logspace(0, math.log10(max(patch_nums[-1], 2)), n, dtype=torch.float64)
+    rows = []
+    for pn in patch_nums:
+        c = (torch.arange(pn, dtype=torch.float64) + 0.5) / pn
+        y, x = torch.meshgrid(c, c, indexing="ij")
+        ay, ax = y.reshape(-1, 1) * omega_n, x.reshape(-1, 1) * omega_n
+        rows.append(torch.cat((ay.sin(), ay.cos(), ax.sin(), ax.cos()), dim=1))
+    codes_LC = torch.cat(rows)
+    return (codes_LC * (std / codes_LC.pow(2).mean().sqrt())).float()
+
+
 class VisualDecoder(nn.Module):
     """Class-conditional VAR transformer: next-scale logits over the VQ codebook.
 
@@ -104,6 +126,8 @@ class VisualDecoder(nn.Module):
         # init_std is (init_weights never touches them).
         for p in (self.pos_start, self.pos_1LC):
             nn.init.trunc_normal_(p, std=math.sqrt(1 / (3 * C)), generator=generator)
+        if self.cfg.pos_init == "sincos":
+            self.pos_1LC.copy_(sincos_positions(self.patch_nums, C, std=math.sqrt(1 / (3 * C)))[None])
         self.head.weight.mul_(self.cfg.init_head)
         self.head_nm.ada_lin[1].weight.mul_(self.cfg.init_adaln)
         residual_div = math.sqrt(2 * self.cfg.depth)

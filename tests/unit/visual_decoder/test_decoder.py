@@ -141,3 +141,35 @@ def test_scale_loss_weighting_gives_every_scale_the_same_weight():
     assert torch.allclose(code_loss(logits, gt, w_scale), per_scale.mean())
     with pytest.raises(ValueError, match="weighting"):
         token_weights(patch_nums, "pixel")
+
+
+def test_sincos_positions_are_local_across_scales():
+    from vargpt.config import ConfigError, VisualDecoderConfig
+    from vargpt.tokenizer.scales import scale_offsets
+    from vargpt.visual_decoder.decoder import sincos_positions
+
+    patch_nums, C, std = (1, 2, 4, 8), 64, 0.05
+    pos_LC = sincos_positions(patch_nums, C, std=std)
+    assert pos_LC.shape == (sum(p * p for p in patch_nums), C)
+    assert math.isclose(float(pos_LC.pow(2).mean().sqrt()), std, rel_tol=1e-4)
+    offsets = scale_offsets(patch_nums)
+    coarse = pos_LC[offsets[1][0]:offsets[1][1]]  # 2x2: (0,0) (0,1) (1,0) (1,1)
+    fine = pos_LC[offsets[3][0]:offsets[3][1]].view(8, 8, C)
+    for k, (qi, qj) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        sim = torch.nn.functional.cosine_similarity(fine, coarse[k].view(1, 1, C), dim=-1)
+        i, j = divmod(int(sim.argmax()), 8)
+        assert (i // 4, j // 4) == (qi, qj)  # the most similar fine token lies under the coarse one
+    # neighbours are more alike than distant tokens
+    assert torch.cosine_similarity(fine[3, 3], fine[3, 4], 0) > torch.cosine_similarity(fine[3, 3], fine[3, 7], 0)
+    # the decoder uses it only when asked; the default stays VAR's random init
+    tiny = VARGPTConfig.from_name("tiny")
+    dc_var = VisualDecoderConfig(**{**tiny.visual_decoder.__dict__, "pos_init": "trunc_normal"})
+    dc_sc = VisualDecoderConfig(**{**tiny.visual_decoder.__dict__, "pos_init": "sincos"})
+    dec = VisualDecoder(dc_sc, tiny.vqvae)
+    assert torch.allclose(dec.pos_1LC[0], sincos_positions(tiny.vqvae.patch_nums, dc_sc.width,
+                                                           std=dc_sc.resolved_init_std))
+    assert not torch.allclose(VisualDecoder(dc_var, tiny.vqvae).pos_1LC[0], dec.pos_1LC[0])
+    with pytest.raises(ConfigError, match="pos_init"):
+        VisualDecoderConfig(pos_init="learned")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_positions((1, 2), 6, std=1.0)
