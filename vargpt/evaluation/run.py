@@ -93,7 +93,7 @@ def _resolve_extractor(feature_net: Any) -> tuple[Any, str | None]:
 
 def evaluate_model(
     model_dir: str | Path | None, data_dir: str | Path, *, split: str = "test", out: str | Path | None = None,
-    feature_net: str | Path | Any = None, max_understanding: int | None = 500, max_generation: int | None = 64,
+    feature_net: str | Path | Any = None, max_understanding: int | None = 500, max_generation: int | None = 256,
     n_per_prompt: int = 1, seed: int = 0, sampling: Any = None, batch_size: int = 16, report: bool = True,
     loss_curves: Sequence[str | Path] = (), pipeline: Any = None,
 ) -> dict[str, Any]:
@@ -226,7 +226,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--feature-net", type=Path, default=None,
                    help="feature-net directory for FID (`vargpt feature-net`); no FID without it")
     s.add_argument("--max-understanding", type=int, default=500, help="questions to evaluate")
-    s.add_argument("--max-generation", type=int, default=64, help="generation prompts to evaluate")
+    s.add_argument("--max-generation", type=int, default=256, help="generation prompts to evaluate")
     s.add_argument("--n-per-prompt", type=int, default=1, help="images per generation prompt")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)

@@ -69,7 +69,7 @@ def test_parsers():
     add_feature_net_parser(sub)
     a = p.parse_args(["eval", "--model", "m", "--data", "d", "--out", "o.json", "--feature-net", "fn"])
     assert (str(a.model), str(a.data), a.split, str(a.out), str(a.feature_net)) == ("m", "d", "test", "o.json", "fn")
-    assert callable(a.func) and a.max_generation == 64
+    assert callable(a.func) and a.max_generation == 256
     a = p.parse_args(["feature-net", "--data", "d", "--out", "o", "--steps", "5"])
     assert a.steps == 5 and callable(a.func)
     with pytest.raises(SystemExit):
