@@ -18,6 +18,9 @@ Reported:
   can reach (the cached loop still processes every token once).
 * ``speedup_batch16``: images/s of one batch-16 call over 16 sequential batch-1 calls (codes + VQ
   decoding).
+* ``prefix_forcing`` (with ``--prefix-forcing``): oracle accuracy when the first k scales are the
+  tokenizer's codes of held-out images of each class and the rest is sampled, for k = 0 .. S (k = S is the
+  tokenizer's reconstruction): shows at which scale the decoder loses the class.
 """
 
 from __future__ import annotations
@@ -129,6 +132,31 @@ def tokenizer_ceiling(vqvae, data_dir: str, classes: list[str], world, limit: in
     return round(hits / len(pairs), 4)
 
 
+@torch.no_grad()
+def prefix_forcing(decoder, vqvae, data_dir: str, classes: list[str], world, sampling, limit: int = 256) -> dict:  # noqa: ANN001
+    """Oracle colour / shape / colour+shape with the first k scales forced to held-out images' codes."""
+    split = "test" if (Path(data_dir) / "test.jsonl").is_file() else "train"
+    pairs = [p for p in class_pairs(load_records(data_dir, split)) if p[1] in classes][:limit]
+    x = torch.stack([image_to_tensor(load_image(path, vqvae.cfg.image_size)) for path, _ in pairs])
+    labels = torch.tensor([classes.index(c) for _, c in pairs])
+    gt = vqvae.encode(x)
+    S, out = len(decoder.patch_nums), {}
+    for k in range(S + 1):
+        forced = [gt[si] if si < k else None for si in range(S)]
+        f_hat = None
+        for event in next_scale_steps(decoder, vqvae.quantize, class_condition(decoder, labels), sampling=sampling,
+                                      generator=torch.Generator().manual_seed(0), forced_idx=forced):
+            f_hat = event.f_hat_BZhw
+        hits = {"colour": 0, "shape": 0, "colour+shape": 0}
+        for (_, cls), img in zip(pairs, to_pil((vqvae.decode(f_hat).clamp(-1, 1) + 1) / 2), strict=True):
+            colour, shape = cls.split(" ", 1)
+            verdict = judge(img, {"colour": colour, "shape": shape}, world)
+            for key in hits:
+                hits[key] += int(verdict[key])
+        out[f"first_{k}_scales_given"] = {key: round(v / len(pairs), 4) for key, v in hits.items()}
+    return out
+
+
 def speed(decoder, vqvae, sampling, kv_batch: int, repeats: int) -> dict:  # noqa: ANN001
     """KV-cache and batching speed-ups of code generation (images decoded too in the batching test)."""
     labels = torch.arange(kv_batch) % decoder.num_classes
@@ -186,6 +214,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timing runs (best of)")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the oracle samples")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--prefix-forcing", action="store_true", help="also report prefix_forcing (see docstring)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -210,6 +239,9 @@ def main() -> None:
     report["oracle_eval_seconds"] = round(time.perf_counter() - t0, 2)
     report["oracle_accuracy_tokenizer_reconstructions"] = tokenizer_ceiling(vqvae, args.data, classes,
                                                                              load_world(args.data))
+    if args.prefix_forcing:
+        report["prefix_forcing"] = prefix_forcing(decoder, vqvae.eval(), args.data, classes, load_world(args.data),
+                                                  sampling)
     if not args.skip_speed:
         report |= speed(decoder, vqvae, sampling, args.kv_batch, args.repeats)
     print(json.dumps(report))

@@ -18,7 +18,9 @@ Reported (one JSON object on stdout):
 * ``heldout_loss_before`` / ``heldout_loss_after``: per stage, the stage's own held-out loss (its loss
   weights) before the first and after the last step.
 * ``image_code_accuracy``: stage 3's teacher-forced held-out image-code accuracy; ``heldout`` has every
-  stage's final text CE, image CE and image-code accuracy.
+  stage's final text CE, image CE and image-code accuracy, and ``image_loss_shuffled_prompts`` (the image
+  CE with the target images permuted among the prompts of each batch); ``prompt_gap`` is that minus the
+  true image CE per stage: 0 means the prompt does not reach the visual decoder.
 * ``steps``, ``trainable_parameters``, ``train_records`` per stage; ``threads``, ``torch`` version.
 """
 
@@ -90,6 +92,8 @@ def main() -> None:
         "heldout_loss_after": by_stage("heldout_loss_after"),
         "image_code_accuracy": per["stage3"].get("heldout", {}).get("image_code_accuracy"),
         "heldout": {s: per[s].get("heldout") for s in STAGES},
+        "prompt_gap": {s: round(h["image_loss_shuffled_prompts"] - h["image_loss"], 4)
+                       for s in STAGES if "image_loss_shuffled_prompts" in (h := per[s].get("heldout") or {})},
         "steps": by_stage("steps"),
         "trainable_parameters": by_stage("trainable_parameters"),
         "train_records": by_stage("train_records"),

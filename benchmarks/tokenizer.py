@@ -5,8 +5,9 @@
 Reported: held-out reconstruction ``psnr`` (dB), ``codebook_usage`` (fraction of the vocabulary used on
 held-out images, overall and per scale), ``oracle_accuracy`` (ShapesWorld oracle colour+shape accuracy
 on the *reconstructions* of held-out one-object images, against the record metadata; the same oracle on
-the original images is ``oracle_accuracy_original``), ``train_seconds`` (optimisation loop only) and the
-thread count.
+the original images is ``oracle_accuracy_original``), ``psnr_by_scales`` (held-out PSNR of decoding the
+running f_hat after each scale: where the image's information sits), ``train_seconds`` (optimisation loop
+only) and the thread count. ``--tokenizer DIR`` evaluates an existing checkpoint instead of training.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from vargpt.data.records import load_records
+from vargpt.data.records import image_to_tensor, load_image, load_records, unique_images
 from vargpt.data.shapesworld.generate import load_world, write_dataset
-from vargpt.evaluation.tokenizer import tokenizer_oracle_scores
+from vargpt.evaluation.tokenizer import psnr_by_scales, tokenizer_oracle_scores
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE
 from vargpt.training.tokenizer_trainer import train_tokenizer
 
@@ -38,6 +39,12 @@ def oracle_scores(model: MultiScaleVQVAE, data_dir: Path, limit: int) -> dict:
     }
 
 
+def _psnr_by_scales(model: MultiScaleVQVAE, data_dir: Path, limit: int) -> list[float]:
+    paths = unique_images(load_records(data_dir, "test"))[:limit]
+    x = torch.stack([image_to_tensor(load_image(p, model.cfg.image_size)) for p in paths])
+    return psnr_by_scales(model, x)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None, help="existing ShapesWorld folder (default: generate)")
@@ -51,6 +58,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
     ap.add_argument("--oracle-images", type=int, default=1000)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="evaluate this checkpoint (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,6 +70,12 @@ def main() -> None:
             data = Path(tmp) / "shapesworld"
             write_dataset(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed, progress=False)
             gen_seconds = time.perf_counter() - t0
+        if args.tokenizer is not None:
+            model = MultiScaleVQVAE.from_pretrained(args.tokenizer).eval()
+            print(json.dumps({**oracle_scores(model, data, args.oracle_images),
+                              "psnr_by_scales": _psnr_by_scales(model, data, args.oracle_images),
+                              "patch_nums": list(model.cfg.patch_nums), "threads": args.threads}))
+            return
         out = args.out or Path(tmp) / "tokenizer"
         metrics = train_tokenizer(data_dir=data, out_dir=out, preset="tiny", max_steps=args.steps,
                                   batch_size=args.batch_size, seed=args.seed, progress=args.progress,
@@ -71,6 +85,7 @@ def main() -> None:
             "psnr": metrics["psnr"],
             "codebook_usage": metrics["codebook_usage"],
             **oracle_scores(model, data, args.oracle_images),
+            "psnr_by_scales": _psnr_by_scales(model, data, args.oracle_images),
             "train_seconds": metrics["train_seconds"],
             "threads": args.threads,
             "steps": metrics["steps"],

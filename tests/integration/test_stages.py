@@ -1,5 +1,6 @@
 """VARGPT stages end to end on a tiny random model and a small ShapesWorld: each stage trains, saves, reloads."""
 
+import dataclasses
 import json
 
 import pytest
@@ -50,8 +51,6 @@ def test_three_stages_train_only_their_parameters(setup):
 def test_generated_images_carry_their_decoder_class(setup, hf_tokenizer):
     """VARGPTDataset labels each generated image with its record's class index in the decoder's
     ``class_names`` (-1 when absent), and the collated batch keeps them in generation-slot order."""
-    import dataclasses
-
     from vargpt.data.datasets import VARGPTDataset, collate_vargpt
     from vargpt.data.records import load_records
 
@@ -67,3 +66,24 @@ def test_generated_images_carry_their_decoder_class(setup, hf_tokenizer):
     assert batch.gen_labels.tolist() == want
     out = model(batch, text_weight=0.0, image_weight=0.0, align_weight=1.0)
     assert out.align_loss > 0 and torch.isfinite(out.loss)
+
+
+def test_shuffled_prompt_metric_is_zero_gap_only_when_the_prompt_is_unused(setup, hf_tokenizer):
+    from vargpt.data.datasets import VARGPTDataset
+    from vargpt.data.records import load_records
+    from vargpt.training.vargpt_trainer import heldout_metrics
+
+    model, tok = load_pretrained(setup / "stage0")
+    recs = [r for r in load_records(setup / "data", "train") if r.is_generation][:6]
+    ds = VARGPTDataset(recs, tok, model, progress=False)
+    with torch.no_grad():  # residual input, fixed condition, zero out-projector: the decoder ignores the LLM
+        model.image_gen_projector_out.mlp[2].weight.zero_()
+        model.image_gen_projector_out.mlp[2].bias.zero_()
+    model.cfg = dataclasses.replace(
+        model.cfg, gen_projector=dataclasses.replace(model.cfg.gen_projector, decoder_condition="fixed"))
+    true, shuf = heldout_metrics(model, ds), heldout_metrics(model, ds, shuffle_prompts=True)
+    assert abs(true["image_loss"] - shuf["image_loss"]) < 1e-5
+    with torch.no_grad():
+        model.image_gen_projector_out.mlp[2].weight.normal_(0.0, 0.5)
+    true, shuf = heldout_metrics(model, ds), heldout_metrics(model, ds, shuffle_prompts=True)
+    assert abs(true["image_loss"] - shuf["image_loss"]) > 1e-4

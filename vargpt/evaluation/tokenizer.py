@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["one_object_images", "tokenizer_oracle_scores"]
+__all__ = ["one_object_images", "psnr_by_scales", "tokenizer_oracle_scores"]
 
 
 def one_object_images(records: Sequence[Any]) -> list[tuple[Path, dict]]:
@@ -75,3 +75,22 @@ def tokenizer_oracle_scores(vqvae: Any, records: Sequence[Any], world: Any, *, l
         "tokenizer_psnr": psnr,
         "tokenizer_oracle_n": n,
     }
+
+
+@torch.no_grad()
+def psnr_by_scales(vqvae: Any, images_B3HW: torch.Tensor) -> list[float]:
+    """PSNR (dB, images in [-1, 1]) of decoding the running f_hat after each scale, coarse to fine.
+
+    Shows where the tokenizer puts the image's information: the visual decoder predicts all codes of a
+    scale in parallel, so a scale that carries much of the image (a large PSNR jump) is where sampling is
+    hardest. The last entry is the full reconstruction.
+    """
+    q, pn = vqvae.quantize, vqvae.cfg.patch_nums
+    idx_list = vqvae.encode(images_B3HW)
+    f_hat = images_B3HW.new_zeros(images_B3HW.shape[0], vqvae.cfg.z_channels, pn[-1], pn[-1])
+    out = []
+    for si, p in enumerate(pn):
+        f_hat, _ = q.next_scale_input(si, f_hat, q.embed(idx_list[si], p))
+        mse = float(((vqvae.decode(f_hat).clamp(-1, 1) - images_B3HW) ** 2).mean())
+        out.append(round(10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-10))).item(), 2))
+    return out

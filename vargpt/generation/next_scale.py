@@ -115,7 +115,7 @@ def next_scale_steps(
     sampling: SamplingConfig = DEFAULT_SAMPLING,
     step: StepFn = identity_step,
     generator: Generators = None,
-    forced_idx: Sequence[torch.Tensor] | None = None,
+    forced_idx: Sequence[torch.Tensor | None] | None = None,
 ) -> Iterator[ScaleEvent]:
     """Sample an image scale by scale with a KV cache, yielding after every scale.
 
@@ -129,7 +129,8 @@ def next_scale_steps(
         generator: the explicit RNG of every random draw in the loop, or a sequence of B RNGs (row b's
             codes are drawn from ``generator[b]`` only, so they do not depend on the batch).
         forced_idx: optional per-scale codes (B, pn^2) used instead of sampling, e.g. to score given
-            codes or to check the loop against teacher forcing.
+            codes or to check the loop against teacher forcing; a None entry samples that scale (e.g.
+            given coarse scales, sampled fine ones).
 
     Yields:
         One :class:`ScaleEvent` per scale, coarse to fine.
@@ -149,11 +150,9 @@ def next_scale_steps(
         logits_2BlK = decoder.forward_blocks(h_BlC, cond_BC, cache=cache)
         t = cfg_scale(si, S, sampling.cfg, sampling.cfg_schedule)
         logits_BlK = cfg_mix(logits_2BlK[:B], logits_2BlK[B:], t)
-        if forced_idx is not None:
-            idx_Bl = forced_idx[si]
-        else:
-            idx_Bl = _draw_codes(logits_BlK, sampling, generator)
-        if sampling.more_smooth and forced_idx is None:
+        forced = forced_idx[si] if forced_idx is not None and si < len(forced_idx) else None
+        idx_Bl = forced if forced is not None else _draw_codes(logits_BlK, sampling, generator)
+        if sampling.more_smooth and forced is None:
             h_BlZ = _smooth_embed(logits_BlK, quantizer.embedding.weight, sampling, si, S, generator)
             h_BZhw = rearrange(h_BlZ, "b (h w) z -> b z h w", h=pn)
         else:

@@ -45,15 +45,25 @@ def stage_loss_fn(text_weight: float, image_weight: float, align_weight: float =
 
 
 @torch.no_grad()
-def heldout_metrics(model, dataset: VARGPTDataset, *, batch_size: int = 32) -> dict[str, float]:  # noqa: ANN001
-    """Mean text CE, image CE and image-code accuracy (teacher forced) over ``dataset``."""
+def heldout_metrics(model, dataset: VARGPTDataset, *, batch_size: int = 32,  # noqa: ANN001
+                    shuffle_prompts: bool = False, seed: int = 0) -> dict[str, float]:
+    """Mean text CE, image CE and image-code accuracy (teacher forced) over ``dataset``.
+
+    With ``shuffle_prompts`` the target images of each batch are permuted among its generation slots,
+    so every image is scored under another sample's prompt: the gap between this image CE and the
+    true one measures how much the model uses the prompt (0 = not at all).
+    """
     was_training = model.training
     model.eval()
     sums = {"text_loss": 0.0, "image_loss": 0.0, "image_code_accuracy": 0.0}
     n_text = n_img = 0
+    gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(dataset), batch_size):
         batch = collate_vargpt([dataset[j] for j in range(i, min(len(dataset), i + batch_size))],
                                dataset.token_ids.pad)
+        if shuffle_prompts and batch.gen_codes is not None:
+            perm = torch.randperm(batch.gen_codes[0].shape[0], generator=gen)
+            batch.gen_codes = [c[perm] for c in batch.gen_codes]
         out = model(batch)
         sums["text_loss"] += float(out.text_loss) * out.text_tokens
         sums["image_loss"] += float(out.image_loss) * out.image_tokens
@@ -132,5 +142,8 @@ def train_stage(
                "trainable_parameters": n_trainable, "train_records": len(train_recs)}
     if eval_ds is not None:
         metrics["heldout"] = heldout_metrics(model, eval_ds)
+        if sum(len(r.generated_images) for r in test_recs) > 1:
+            shuffled = heldout_metrics(model, eval_ds, shuffle_prompts=True, seed=seed)
+            metrics["heldout"]["image_loss_shuffled_prompts"] = shuffled["image_loss"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -38,3 +38,18 @@ def test_records_without_objects_give_null_accuracy(test_records, shapes_dir):
     bare = [r for r in test_records if not r.meta.get("objects")][:3]
     scores = tokenizer_oracle_scores(_StandIn(True), bare, load_world(shapes_dir))
     assert scores["tokenizer_oracle_n"] == 0 and scores["tokenizer_oracle_accuracy"] is None
+
+
+def test_psnr_by_scales_ends_at_the_full_reconstruction():
+    from vargpt.config import VARGPTConfig
+    from vargpt.evaluation.tokenizer import psnr_by_scales
+    from vargpt.tokenizer.vqvae import MultiScaleVQVAE
+
+    vq = MultiScaleVQVAE(VARGPTConfig.from_name("tiny").vqvae).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    curve = psnr_by_scales(vq, x)
+    assert len(curve) == len(vq.cfg.patch_nums)
+    with torch.no_grad():
+        mse = float(((vq.reconstruct(x).clamp(-1, 1) - x) ** 2).mean())
+    assert abs(curve[-1] - 10 * torch.log10(torch.tensor(4.0 / mse)).item()) < 0.01
+    assert len(set(curve)) > 1  # partial f_hats decode to different images

@@ -135,3 +135,23 @@ def test_decoder_cache_object():
     assert cache[0].length == 7 and cache.length == 7
     cache.reset()
     assert cache.length == 0 and all(layer.k_BHLc is None for layer in cache.layers)
+
+
+def test_partial_forcing_keeps_the_given_scales_and_samples_the_rest(parts):
+    cfg, decoder, vqvae = parts
+    B, S = 2, cfg.vqvae.num_scales
+    idx = _codes(cfg.vqvae, B, seed=3)
+    cond = class_condition(decoder, torch.tensor([2, 5]))
+    sampling = SamplingConfig(cfg=1.0, top_k=0, top_p=0.0)
+
+    def run(forced):
+        return [e.idx_Bl for e in next_scale_steps(decoder, vqvae.quantize, cond, sampling=sampling, forced_idx=forced,
+                                                   generator=torch.Generator().manual_seed(0))]
+
+    free = run(None)
+    assert all(torch.equal(a, b) for a, b in zip(run([None] * S), free, strict=True))
+    k = 3
+    partial = run(idx[:k] + [None] * (S - k))
+    assert all(torch.equal(partial[si], idx[si]) for si in range(k))
+    # the sampled scales follow the forced prefix, not the free run's (different coarse scales given)
+    assert any(not torch.equal(partial[si], free[si]) for si in range(k, S))
