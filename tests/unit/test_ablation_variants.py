@@ -66,8 +66,9 @@ def test_plan_rejects_bad_variants():
 def test_table_and_command():
     table = markdown_table([{"label": "full", "understanding_accuracy": 0.4, "generation_accuracy": None,
                              "fid": 179.94, "train_seconds": 12.345}])
-    assert table.splitlines()[0] == "| variant | understanding | generation colour+shape | FID | train seconds |"
-    assert table.splitlines()[2] == "| full | 0.400 | n/a | 179.9 | 12.3 |"
+    assert table.splitlines()[0] == ("| variant | understanding | generation colour+shape | generation colour | FID "
+                                     "| train seconds |")
+    assert table.splitlines()[2] == "| full | 0.400 | n/a | n/a | 179.9 | 12.3 |"
     assert ablation_command(out_dir="a b", max_steps=3) == "vargpt ablate --preset tiny --out 'a b' --max-steps 3"
 
 
