@@ -113,16 +113,11 @@ def _write_subset(records: list[Any], src: Path, dst: Path, split: str, n: int) 
     root = src.resolve()
     lines = []
     for r in chosen:
-        rel = [p.relative_to(root).as_posix() for p in r.images]
-        for q in rel:
+        obj = r.to_json(root)
+        for q in obj["images"]:
             (dst / q).parent.mkdir(parents=True, exist_ok=True)
             if not (dst / q).is_file():
                 shutil.copyfile(root / q, dst / q)
-        obj: dict[str, Any] = {"messages": [{"role": m.role, "content": m.content} for m in r.messages], "images": rel}
-        if r.cls is not None:
-            obj["class"] = r.cls
-        if r.meta:
-            obj["meta"] = r.meta
         lines.append(json.dumps(obj) + "\n")
     dst.mkdir(parents=True, exist_ok=True)
     (dst / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")

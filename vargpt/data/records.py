@@ -92,6 +92,18 @@ class Record:
         """True if at least one image is an input."""
         return any(t == IMAGE for t in self.placeholders())
 
+    def to_json(self, root: str | Path) -> dict[str, Any]:
+        """The native-format object of this record (the inverse of :func:`parse_record`), with image
+        paths relative to the dataset folder ``root`` (raises ``ValueError`` for an image outside it)."""
+        base = Path(root).resolve()
+        obj: dict[str, Any] = {"messages": [{"role": m.role, "content": m.content} for m in self.messages],
+                               "images": [Path(p).resolve().relative_to(base).as_posix() for p in self.images]}
+        if self.cls is not None:
+            obj["class"] = self.cls
+        if self.meta:
+            obj["meta"] = self.meta
+        return obj
+
 
 def _placeholders_in(text: str) -> list[str]:
     found: list[tuple[int, str]] = []

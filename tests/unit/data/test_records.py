@@ -49,6 +49,19 @@ def test_reads_good_records(root):
     assert recs[0].source.endswith("train.jsonl:1")
 
 
+def test_to_json_is_the_inverse_of_parsing(root):
+    from vargpt.data.records import parse_record
+
+    _write(root, GOOD)
+    for i, rec in enumerate(load_records(root, "train")):
+        obj = rec.to_json(root)
+        assert obj == GOOD[i]
+        again = parse_record(obj, root, rec.source)
+        assert again == rec and again.meta == rec.meta
+    with pytest.raises(ValueError):
+        load_records(root, "train")[2].to_json(root / "other")  # images are not under that folder
+
+
 @pytest.mark.parametrize(
     "record, message",
     [
