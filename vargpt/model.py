@@ -260,11 +260,13 @@ class VARGPT(nn.Module):
         """Pull the prompt's condition towards the decoder's class embedding (``cond_align_weight``).
 
         For every image whose label is a class (>= 0), the out-projected LLM state of the first
-        generation slot (the one that reads the prompt and predicts the first scale; it is added to the
-        start token and, with ``decoder_condition="prompt"``, to the AdaLN condition) should equal
-        ``class_emb[label] - class_emb[uncond]``: then the decoder sees exactly the condition it was
-        pretrained with for that class. Squared error relative to the targets' mean squared norm
-        (1.0 = predicting zero); the targets are constants (no gradient into the class table).
+        generation slot (the one that reads the prompt and predicts the first scale; with
+        ``decoder_input="residual"`` it is added to the start token and, with ``decoder_condition="prompt"``,
+        to the AdaLN condition) should equal ``class_emb[label] - class_emb[uncond]``: then the decoder sees
+        exactly the condition it was pretrained with for that class. Made for that configuration (the
+        tiny preset's); with ``decoder_input="replace"`` the target is not what the decoder expects there.
+        Squared error relative to the targets' mean squared norm (1.0 = predicting zero); the targets are
+        constants (no gradient into the class table).
         """
         keep = labels_N >= 0
         if not bool(keep.any()):
