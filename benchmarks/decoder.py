@@ -119,25 +119,40 @@ def tokenizer_ceiling(vqvae, data_dir: str, classes: list[str], world, limit: in
 
     The decoder can only draw what the tokenizer can represent, so this bounds ``oracle_accuracy``.
     """
+    pairs, x = heldout_class_images(vqvae, data_dir, classes, limit)
+    if not pairs:
+        return float("nan")
+    recon = torch.cat([vqvae.reconstruct(x[i:i + 128]) for i in range(0, len(pairs), 128)])
+    hits = oracle_hits(to_pil((recon + 1) / 2), [cls for _, cls in pairs], world)
+    return round(hits["colour+shape"] / len(pairs), 4)
+
+
+def heldout_class_images(vqvae, data_dir: str, classes: list[str], limit: int) -> tuple[list, torch.Tensor | None]:  # noqa: ANN001
+    """At most ``limit`` (image, class) pairs of the test split (train if none) whose class is in
+    ``classes``, and the images as a tensor in [-1, 1] (None when there is no pair)."""
     split = "test" if (Path(data_dir) / "test.jsonl").is_file() else "train"
     pairs = [p for p in class_pairs(load_records(data_dir, split)) if p[1] in classes][:limit]
     if not pairs:
-        return float("nan")
-    x = torch.stack([image_to_tensor(load_image(path, vqvae.cfg.image_size)) for path, _ in pairs])
-    recon = torch.cat([vqvae.reconstruct(x[i:i + 128]) for i in range(0, len(pairs), 128)])
-    hits = 0
-    for (_, cls), img in zip(pairs, to_pil((recon + 1) / 2), strict=True):
+        return pairs, None
+    return pairs, torch.stack([image_to_tensor(load_image(path, vqvae.cfg.image_size)) for path, _ in pairs])
+
+
+def oracle_hits(images, class_names: list[str], world) -> dict[str, int]:  # noqa: ANN001
+    """How many of ``images`` the oracle judges right in colour, shape and both, against their
+    ``"{colour} {shape}"`` class names."""
+    hits = {"colour": 0, "shape": 0, "colour+shape": 0}
+    for img, cls in zip(images, class_names, strict=True):
         colour, shape = cls.split(" ", 1)
-        hits += judge(img, {"colour": colour, "shape": shape}, world)["colour+shape"]
-    return round(hits / len(pairs), 4)
+        verdict = judge(img, {"colour": colour, "shape": shape}, world)
+        for key in hits:
+            hits[key] += int(verdict[key])
+    return hits
 
 
 @torch.no_grad()
 def prefix_forcing(decoder, vqvae, data_dir: str, classes: list[str], world, sampling, limit: int = 256) -> dict:  # noqa: ANN001
     """Oracle colour / shape / colour+shape with the first k scales forced to held-out images' codes."""
-    split = "test" if (Path(data_dir) / "test.jsonl").is_file() else "train"
-    pairs = [p for p in class_pairs(load_records(data_dir, split)) if p[1] in classes][:limit]
-    x = torch.stack([image_to_tensor(load_image(path, vqvae.cfg.image_size)) for path, _ in pairs])
+    pairs, x = heldout_class_images(vqvae, data_dir, classes, limit)
     labels = torch.tensor([classes.index(c) for _, c in pairs])
     gt = vqvae.encode(x)
     S, out = len(decoder.patch_nums), {}
@@ -147,12 +162,7 @@ def prefix_forcing(decoder, vqvae, data_dir: str, classes: list[str], world, sam
         for event in next_scale_steps(decoder, vqvae.quantize, class_condition(decoder, labels), sampling=sampling,
                                       generator=torch.Generator().manual_seed(0), forced_idx=forced):
             f_hat = event.f_hat_BZhw
-        hits = {"colour": 0, "shape": 0, "colour+shape": 0}
-        for (_, cls), img in zip(pairs, to_pil((vqvae.decode(f_hat).clamp(-1, 1) + 1) / 2), strict=True):
-            colour, shape = cls.split(" ", 1)
-            verdict = judge(img, {"colour": colour, "shape": shape}, world)
-            for key in hits:
-                hits[key] += int(verdict[key])
+        hits = oracle_hits(to_pil((vqvae.decode(f_hat).clamp(-1, 1) + 1) / 2), [cls for _, cls in pairs], world)
         out[f"first_{k}_scales_given"] = {key: round(v / len(pairs), 4) for key, v in hits.items()}
     return out
 

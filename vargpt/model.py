@@ -243,15 +243,14 @@ class VARGPT(nn.Module):
                                          compute_logits=False).hidden_BTD
         zero = hidden_BTD.sum() * 0.0  # keeps every output connected to the graph (DDP-friendly)
         text_loss, n_text = self._text_loss(hidden_BTD, batch.labels) if text_weight > 0 else (zero, 0)
+        gen_hidden_NLD = hidden_BTD[gen_slots_BT].view(n_gen, L, -1) if n_gen else None
         image_loss, acc, logits = zero, zero.detach(), None
         if n_gen and image_weight > 0:
-            image_loss, acc, logits = self._image_loss(hidden_BTD[gen_slots_BT].view(n_gen, L, -1), cond_NC,
-                                                       batch.gen_codes, tokens_NLC)
+            image_loss, acc, logits = self._image_loss(gen_hidden_NLD, cond_NC, batch.gen_codes, tokens_NLC)
         loss = text_weight * text_loss + image_weight * image_loss
         align_loss = zero
         if n_gen and align_weight > 0 and batch.gen_labels is not None:
-            align_loss = self.condition_alignment_loss(hidden_BTD[gen_slots_BT].view(n_gen, L, -1)[:, 0],
-                                                       batch.gen_labels)
+            align_loss = self.condition_alignment_loss(gen_hidden_NLD[:, 0], batch.gen_labels)
             loss = loss + align_weight * align_loss
         return VARGPTOutput(loss, text_loss.detach(), image_loss.detach(), logits, acc, n_text, n_gen * L,
                             align_loss.detach())

@@ -8,6 +8,7 @@ one-object images (and, as a check of the oracle itself, on the originals).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,11 @@ from typing import Any
 import torch
 
 __all__ = ["one_object_images", "psnr_by_scales", "tokenizer_oracle_scores"]
+
+
+def _psnr_db(mse: float) -> float:
+    """PSNR in dB of a mean squared error over images in [-1, 1] (peak-to-peak 2)."""
+    return 10 * math.log10(4.0 / max(mse, 1e-10))
 
 
 def one_object_images(records: Sequence[Any]) -> list[tuple[Path, dict]]:
@@ -66,7 +72,7 @@ def tokenizer_oracle_scores(vqvae: Any, records: Sequence[Any], world: Any, *, l
     n = len(items)
     acc = (lambda h: round(h / n, 4)) if n else (lambda h: None)
     mse = se / n_pix if n_pix else None
-    psnr = None if mse is None else round(10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-10))).item(), 3)
+    psnr = None if mse is None else round(_psnr_db(mse), 3)
     return {
         "tokenizer_oracle_accuracy": acc(rec_hits["colour+shape"]),
         "tokenizer_oracle_colour": acc(rec_hits["colour"]),
@@ -92,5 +98,5 @@ def psnr_by_scales(vqvae: Any, images_B3HW: torch.Tensor) -> list[float]:
     for si, p in enumerate(pn):
         f_hat, _ = q.next_scale_input(si, f_hat, q.embed(idx_list[si], p))
         mse = float(((vqvae.decode(f_hat).clamp(-1, 1) - images_B3HW) ** 2).mean())
-        out.append(round(10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-10))).item(), 2))
+        out.append(round(_psnr_db(mse), 2))
     return out
