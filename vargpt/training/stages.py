@@ -76,8 +76,9 @@ def vargpt_stages(preset: str) -> dict[str, StageSpec]:
         t1 = TrainConfig(name="stage1", lr=2e-3, batch_size=32, max_steps=60, weight_decay=0.0, eval_every=30)
         t2 = TrainConfig(name="stage2", lr=5e-4, batch_size=32, max_steps=150, weight_decay=0.0, eval_every=50)
         # Stage 3 continues the decoder's class-conditional training (residual decoder input), so it keeps
-        # a decoder-like learning rate.
-        t3 = TrainConfig(name="stage3", lr=1e-3, batch_size=32, max_steps=250, weight_decay=0.0, eval_every=50)
+        # a decoder-like learning rate, and like the decoder it learns more from smaller, more steps:
+        # 500 x 16 vs 250 x 32 measured generation colour 0.62 -> 0.68, FID 65.2 -> 43.5 (+44 s).
+        t3 = TrainConfig(name="stage3", lr=1e-3, batch_size=16, max_steps=500, weight_decay=0.0, eval_every=50)
         # Class prompts are mapped onto the pretrained decoder's class conditions (measured: the code loss
         # alone leaves the prompt unused after stage 1, held-out loss equal with shuffled prompts).
         align = 1.0
