@@ -130,8 +130,8 @@ def train_stage(
     logger.info("%s: %d train / %d held-out records", stage, len(train_recs), len(test_recs))
     train_ds = VARGPTDataset(train_recs, tokenizer, model, progress=progress)
     eval_ds = VARGPTDataset(test_recs, tokenizer, model, progress=progress) if test_recs else None
-    result = train(model, loss_fn=stage_loss_fn(cfg.text_loss_weight, cfg.image_loss_weight,
-                                                                     cfg.cond_align_weight), train_data=train_ds,
+    loss_fn = stage_loss_fn(cfg.text_loss_weight, cfg.image_loss_weight, cfg.cond_align_weight)
+    result = train(model, loss_fn=loss_fn, train_data=train_ds,
                    collate=partial(collate_vargpt, pad_id=model.token_ids.pad), cfg=cfg, out_dir=out / "train",
                    eval_data=eval_ds, save_config=model.cfg.to_dict(), resume=resume, progress=progress)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
