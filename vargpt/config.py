@@ -326,6 +326,11 @@ class GenProjectorConfig:
     inference) or ``"prompt"``: that row plus the out-projected LLM state of the first generation slot
     (the state that reads the prompt and predicts the first scale), so every decoder block is modulated by
     the prompt as class-conditional VAR is by its class. No new parameters."""
+    input_gate: bool = False
+    """With ``decoder_input="residual"``: multiply the out-projected LLM states added to the decoder's
+    token inputs by a learned per-channel gate ``image_gen_projector_out.input_gate`` (C values, zero-initialised), so
+    training the out-projector for the condition (stage 1's alignment) does not disturb the token inputs
+    of the pretrained decoder; the gate opens where the image loss wants the LLM's per-token states."""
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ("gelu", "gelu_tanh", "silu"):
@@ -621,7 +626,7 @@ def _tiny() -> VARGPTConfig:
             architecture="llama", vocab_size=1024, hidden_size=192, intermediate_size=512,
             num_layers=4, num_heads=4, num_kv_heads=4, max_position_embeddings=512,
         ),
-        gen_projector=GenProjectorConfig(decoder_input="residual", decoder_condition="prompt"),
+        gen_projector=GenProjectorConfig(decoder_input="residual", decoder_condition="prompt", input_gate=True),
         chat=ChatConfig(system_prompt=""),
         sampling=SamplingConfig(cfg=2.0, top_k=0, top_p=0.0, max_new_tokens=48),
     )

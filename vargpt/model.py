@@ -121,7 +121,17 @@ class VARGPT(nn.Module):
             if self.residual_decoder_input:  # start as the pretrained decoder; the LLM's share grows
                 with torch.no_grad():
                     image_gen_projector_out.mlp[2].weight.zero_()
+        if self.residual_decoder_input and cfg.gen_projector.input_gate and not hasattr(image_gen_projector_out,
+                                                                                            "input_gate"):
+            # Registered on the out-projector (``image_gen_projector_out.input_gate``), so the stages' projector
+            # globs train it; only gated models have the key.
+            image_gen_projector_out.input_gate = nn.Parameter(torch.zeros(C))
         self.image_gen_projector_out = image_gen_projector_out
+
+    @property
+    def image_gen_input_gate(self) -> nn.Parameter | None:
+        """The token-path gate of ``GenProjectorConfig.input_gate`` (None when off)."""
+        return getattr(self.image_gen_projector_out, "input_gate", None)
 
     @property
     def residual_decoder_input(self) -> bool:
@@ -134,6 +144,8 @@ class VARGPT(nn.Module):
         if self.residual_decoder_input:
             if tokens_NlC is None:
                 raise ValueError("decoder_input='residual' needs the decoder-space token embeddings")
+            if self.image_gen_input_gate is not None:
+                h_NlC = h_NlC * self.image_gen_input_gate.to(h_NlC.dtype)
             h_NlC = h_NlC + tokens_NlC.to(h_NlC.dtype)
         return h_NlC
 
@@ -260,9 +272,10 @@ class VARGPT(nn.Module):
 
         For every image whose label is a class (>= 0), the out-projected LLM state of the first
         generation slot (the one that reads the prompt and predicts the first scale; with
-        ``decoder_input="residual"`` it is added to the start token and, with ``decoder_condition="prompt"``,
-        to the AdaLN condition) should equal ``class_emb[label] - class_emb[uncond]``: then the decoder sees
-        exactly the condition it was pretrained with for that class. Made for that configuration (the
+        ``decoder_input="residual"`` it is added to the start token (through the gate with ``input_gate``)
+        and, with ``decoder_condition="prompt"``, to the AdaLN condition) should equal
+        ``class_emb[label] - class_emb[uncond]``: then the decoder sees exactly the condition it was
+        pretrained with for that class. Made for that configuration (the
         tiny preset's); with ``decoder_input="replace"`` the target is not what the decoder expects there.
         Squared error relative to the targets' mean squared norm (1.0 = predicting zero); the targets are
         constants (no gradient into the class table).

@@ -16,12 +16,13 @@ from vargpt.training.loop import set_trainable
 from vargpt.training.stages import vargpt_stages
 
 
-def _cfg(llm_attention="causal", decoder_input="residual", decoder_condition="fixed"):
+def _cfg(llm_attention="causal", decoder_input="residual", decoder_condition="fixed", input_gate=False):
     cfg = VARGPTConfig.from_name("tiny")
     return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=2),
                                gen_projector=dataclasses.replace(cfg.gen_projector, llm_attention=llm_attention,
                                                                  decoder_input=decoder_input,
-                                                                 decoder_condition=decoder_condition))
+                                                                 decoder_condition=decoder_condition,
+                                                                 input_gate=input_gate))
 
 
 def _randomise_out_projector(model):
@@ -145,6 +146,28 @@ def test_residual_decoder_input_starts_as_the_pretrained_decoder(hf_tokenizer):
         assert torch.allclose(model(batch).image_logits_NLK, expected, atol=1e-6)
         _randomise_out_projector(model)
         assert not torch.allclose(model(batch).image_logits_NLK, expected, atol=1e-3)
+
+
+def test_input_gate_keeps_the_token_inputs_until_it_opens(hf_tokenizer):
+    """With ``input_gate`` the out-projected states reach the decoder's token inputs only through the
+    zero-initialised gate (the condition path is not gated), and the gate gets a gradient."""
+    torch.manual_seed(0)
+    cfg = _cfg(decoder_condition="prompt", input_gate=True)
+    assert VARGPTConfig.from_name("tiny").gen_projector.input_gate  # the tiny preset's setting
+    model = _randomise_out_projector(VARGPT.from_config(cfg, SpecialTokenIds.from_tokenizer(hf_tokenizer)))
+    assert model.image_gen_input_gate is not None and not model.image_gen_input_gate.any()
+    hidden = torch.randn(2, 5, model.language_model.hidden_size)
+    tokens = torch.randn(2, 5, cfg.visual_decoder.width)
+    assert torch.equal(model.decoder_inputs(hidden, tokens), tokens)
+    cond = torch.zeros(2, cfg.visual_decoder.width)
+    assert model.decoder_condition(cond, hidden[:, 0]).abs().sum() > 0  # the condition path is live
+    (g,) = torch.autograd.grad(model.decoder_inputs(hidden, tokens).square().sum(), model.image_gen_input_gate)
+    assert g.abs().sum() > 0
+    with torch.no_grad():
+        model.image_gen_input_gate.fill_(1.0)
+    torch.testing.assert_close(model.decoder_inputs(hidden, tokens), tokens + model.image_gen_projector_out(hidden))
+    # without the option there is no gate (old checkpoints load unchanged)
+    assert VARGPT.from_config(_cfg(), SpecialTokenIds.from_tokenizer(hf_tokenizer)).image_gen_input_gate is None
 
 
 def test_trainable_sets_per_stage(model):
