@@ -85,5 +85,7 @@ def test_shuffled_prompt_metric_is_zero_gap_only_when_the_prompt_is_unused(setup
     assert abs(true["image_loss"] - shuf["image_loss"]) < 1e-5
     with torch.no_grad():
         model.image_gen_projector_out.mlp[2].weight.normal_(0.0, 0.5)
+        if model.image_gen_input_gate is not None:  # the tiny preset's token-path gate starts closed
+            model.image_gen_input_gate.fill_(1.0)
     true, shuf = heldout_metrics(model, ds), heldout_metrics(model, ds, shuffle_prompts=True)
     assert abs(true["image_loss"] - shuf["image_loss"]) > 1e-4
