@@ -328,9 +328,10 @@ class GenProjectorConfig:
     the prompt as class-conditional VAR is by its class. No new parameters."""
     input_gate: bool = False
     """With ``decoder_input="residual"``: multiply the out-projected LLM states added to the decoder's
-    token inputs by a learned per-channel gate ``image_gen_projector_out.input_gate`` (C values, zero-initialised), so
-    training the out-projector for the condition (stage 1's alignment) does not disturb the token inputs
-    of the pretrained decoder; the gate opens where the image loss wants the LLM's per-token states."""
+    token inputs by a learned per-channel gate ``image_gen_projector_out.input_gate`` (C values,
+    zero-initialised), so training the out-projector for the condition (stage 1's alignment) does not
+    disturb the token inputs of the pretrained decoder; the gate opens where the image loss wants the
+    LLM's per-token states. Requires ``decoder_input="residual"``."""
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ("gelu", "gelu_tanh", "silu"):
@@ -341,6 +342,8 @@ class GenProjectorConfig:
             _fail(self, "decoder_input", self.decoder_input, "must be 'replace' or 'residual'")
         if self.decoder_condition not in ("fixed", "prompt"):
             _fail(self, "decoder_condition", self.decoder_condition, "must be 'fixed' or 'prompt'")
+        if self.input_gate and self.decoder_input != "residual":
+            _fail(self, "input_gate", self.input_gate, "gates the residual token path: needs decoder_input='residual'")
 
 
 @dataclass(frozen=True, kw_only=True)

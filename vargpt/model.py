@@ -121,10 +121,9 @@ class VARGPT(nn.Module):
             if self.residual_decoder_input:  # start as the pretrained decoder; the LLM's share grows
                 with torch.no_grad():
                     image_gen_projector_out.mlp[2].weight.zero_()
-        if self.residual_decoder_input and cfg.gen_projector.input_gate and not hasattr(image_gen_projector_out,
-                                                                                            "input_gate"):
+        if cfg.gen_projector.input_gate and not hasattr(image_gen_projector_out, "input_gate"):
             # Registered on the out-projector (``image_gen_projector_out.input_gate``), so the stages' projector
-            # globs train it; only gated models have the key.
+            # globs train it; only gated models have the key (the config ensures residual mode).
             image_gen_projector_out.input_gate = nn.Parameter(torch.zeros(C))
         self.image_gen_projector_out = image_gen_projector_out
 

@@ -6,6 +6,7 @@ import pytest
 from vargpt.config import (
     PRESETS,
     ConfigError,
+    GenProjectorConfig,
     LLMConfig,
     SamplingConfig,
     TrainConfig,
@@ -60,6 +61,7 @@ def test_released_model_sizes():
         (lambda: SamplingConfig(cfg_schedule="cubic"), "cfg_schedule", "'cubic'"),
         (lambda: TrainConfig(lr=-1.0), "lr", "-1.0"),
         (lambda: TrainConfig(batch_size=0), "batch_size", "0"),
+        (lambda: GenProjectorConfig(decoder_input="replace", input_gate=True), "input_gate", "True"),
     ],
 )
 def test_validation_names_field_and_value(build, field, value):
