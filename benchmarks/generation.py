@@ -180,7 +180,7 @@ def _block_mask(m, ids, full_mask, x):  # noqa: ANN001, ANN202
 # --------------------------------------------------------------------------------------------------
 
 
-def hf_llava(pipe: Pipeline):  # noqa: ANN201
+def hf_llava(pipe: Pipeline, vt_cfg):  # noqa: ANN001, ANN201
     """transformers' LlavaForConditionalGeneration holding exactly our understanding weights."""
     from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -192,10 +192,10 @@ def hf_llava(pipe: Pipeline):  # noqa: ANN201
     hf_cfg = LlavaConfig(
         vision_config=AutoConfig.for_model(vis.pop("model_type"), **vis),
         text_config=AutoConfig.for_model(txt.pop("model_type"), **txt),
-        image_token_id=m.token_ids.image, vision_feature_layer=cfg.vision_tower.feature_layer,
-        vision_feature_select_strategy="default" if cfg.vision_tower.drop_cls else "full",
+        image_token_id=m.token_ids.image, vision_feature_layer=vt_cfg.feature_layer,
+        vision_feature_select_strategy="default" if vt_cfg.drop_cls else "full",
         projector_hidden_act=cfg.projector.hidden_act, multimodal_projector_bias=True,
-        image_seq_length=cfg.vision_tower.tokens_per_image)
+        image_seq_length=vt_cfg.tokens_per_image)
     hf = LlavaForConditionalGeneration(hf_cfg).eval()
     missing, unexpected = hf.load_state_dict(to_hf_llava_state(ours.state_dict()), strict=False)
     if unexpected or [k for k in missing if "post_layernorm" not in k]:
@@ -204,6 +204,23 @@ def hf_llava(pipe: Pipeline):  # noqa: ANN201
 
 
 def understanding(pipe: Pipeline, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Decode tokens/s vs transformers. HF LLaVA holds ViT towers only: a ResNet tower is replaced on both
+    sides by a random ViT giving as many features of the same width (the tower runs once per prompt,
+    before decoding; projector and LLM are the model's)."""
+    from vargpt.understanding.llava import vit_stand_in
+
+    m = pipe.model
+    if not m.vision_tower.is_resnet:
+        return _understanding(pipe, batch, new_tokens, repeats, m.cfg.vision_tower)
+    tower = m.vision_tower
+    m.vision_tower, vt_cfg = vit_stand_in(m.cfg.vision_tower)
+    try:
+        return {**_understanding(pipe, batch, new_tokens, repeats, vt_cfg), "understanding_tower": "vit_stand_in"}
+    finally:
+        m.vision_tower = tower
+
+
+def _understanding(pipe: Pipeline, batch: int, new_tokens: int, repeats: int, vt_cfg) -> dict:  # noqa: ANN001
     from PIL import Image
 
     m = pipe.model
@@ -214,7 +231,7 @@ def understanding(pipe: Pipeline, batch: int, new_tokens: int, repeats: int) -> 
                for q, im in zip(qs, images, strict=True)]
     ids, mask = left_pad([p.ids for p in prompts], m.token_ids.pad)
     pixels = pipe.processor(images)
-    hf = hf_llava(pipe)
+    hf = hf_llava(pipe, vt_cfg)
 
     def ours(n: int):
         s = dataclasses.replace(pipe.default_sampling, text_temperature=0.0, max_new_tokens=n)

@@ -50,6 +50,11 @@ def decode_speed(model, tokenizer, processor, vt_cfg, items, *, batch: int = 32,
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     pixels = processor([load_image(r.input_images[0]) for r, _, _ in items])
     eos = tokenizer.eos_token_id
+    if model.vision_tower.is_resnet:  # HF LLaVA holds ViT towers only: a random ViT stands in on both sides
+        from vargpt.understanding.llava import Llava, vit_stand_in
+
+        tower, vt_cfg = vit_stand_in(vt_cfg)
+        model = Llava(tower, model.projector, model.llm, image_token_id=model.image_token_id).eval()
     hf = _hf_llava(model, vt_cfg)
 
     def ours(eos_id: int = eos) -> list[list[int]]:
@@ -88,7 +93,8 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patch-size", type=int, default=8, help="vision patch size (8 -> 16 image tokens)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="override the preset tower's patch size (a CLIP tower only; the tiny ResNet's is 8)")
     p.add_argument("--eval-only", action="store_true", help="evaluate OUT/llava without training")
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed comparison")
     args = p.parse_args()
@@ -106,8 +112,8 @@ def main() -> None:
         write_dataset(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed, progress=False)
     result: dict = {}
     if not args.eval_only:
-        steps = train_base_models(data, out, resume=False, progress=False,
-                                  step_overrides={"vision": {"tower_overrides": {"patch_size": args.patch_size}}})
+        tower = {"tower_overrides": {"patch_size": args.patch_size}} if args.patch_size else {}
+        steps = train_base_models(data, out, resume=False, progress=False, step_overrides={"vision": tower})
         result["train_seconds"] = steps.pop("train_seconds")
         result["steps"] = {k: {m: v for m, v in s.items() if m != "checkpoint"} for k, s in steps.items()}
     model, tokenizer, processor, vt_cfg = load_llava(out / "llava")

@@ -201,8 +201,20 @@ class VisualDecoderConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class VisionTowerConfig:
-    """CLIP ViT vision tower of the understanding path (SPEC 3.1, 3.4)."""
+    """Vision tower of the understanding path: a CLIP ViT (SPEC 3.1, 3.4) or a small HF ResNet.
 
+    ``architecture="resnet"`` (the tiny preset) builds a transformers ``ResNetModel``: a 7x7 stride-2
+    stem and a stride-2 max-pool, then ``stage_sizes`` stages (the first at stride 1, each later one
+    halving the map), so ``patch_size`` must be the total stride ``4 * 2 ** (len(stage_sizes) - 1)`` and
+    ``hidden_size`` the last stage's width; every cell of the last stage's map is one feature vector
+    (there is no CLS token: ``drop_cls`` must stay True). ``intermediate_size`` and ``num_heads`` are
+    unused there. Why it exists: from scratch
+    on 32 px ShapesWorld a 3-layer ViT learns shape slowly (supervised shape probe 0.58 after 60 s)
+    while a 0.3M-parameter ResNet reaches 0.90 in 12 s (README, "Measured").
+    """
+
+    architecture: Literal["clip", "resnet"] = "clip"
+    """``"clip"``: HF ``CLIPVisionModel`` (the released models); ``"resnet"``: HF ``ResNetModel``."""
     image_size: int = 336
     """Input side in pixels."""
     patch_size: int = 14
@@ -225,19 +237,49 @@ class VisionTowerConfig:
     """Per-channel normalisation mean."""
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     """Per-channel normalisation std."""
+    stem_size: int = 32
+    """ResNet only: channels of the 7x7 stem convolution."""
+    stage_sizes: tuple[int, ...] = ()
+    """ResNet only: channels of each stage (the last equals ``hidden_size``)."""
+    stage_depths: tuple[int, ...] = ()
+    """ResNet only: basic residual blocks per stage (same length as ``stage_sizes``)."""
 
     def __post_init__(self) -> None:
+        if self.architecture not in ("clip", "resnet"):
+            _fail(self, "architecture", self.architecture, 'must be "clip" or "resnet"')
         _positive(self, "image_size", "patch_size", "hidden_size", "intermediate_size",
                   "num_layers", "num_heads", "projection_dim")
         if self.image_size % self.patch_size != 0:
             _fail(self, "image_size", self.image_size,
                   f"must be divisible by patch_size={self.patch_size}")
+        if self.architecture == "resnet":
+            self._check_resnet()
+            return
         if self.hidden_size % self.num_heads != 0:
             _fail(self, "hidden_size", self.hidden_size,
                   f"must be divisible by num_heads={self.num_heads}")
         if not -(self.num_layers + 1) <= self.feature_layer <= self.num_layers:
             _fail(self, "feature_layer", self.feature_layer,
                   f"must index one of the {self.num_layers + 1} hidden states")
+
+    def _check_resnet(self) -> None:
+        n = len(self.stage_sizes)
+        if n == 0 or len(self.stage_depths) != n:
+            _fail(self, "stage_sizes", self.stage_sizes,
+                  f"a ResNet tower needs >= 1 stage and one depth per stage (stage_depths={self.stage_depths})")
+        if min(self.stage_sizes) <= 0 or min(self.stage_depths) <= 0 or self.stem_size <= 0:
+            _fail(self, "stage_sizes", self.stage_sizes, "stage sizes, depths and stem_size must be positive")
+        if self.stage_sizes[-1] != self.hidden_size:
+            _fail(self, "hidden_size", self.hidden_size, f"must equal the last stage size {self.stage_sizes[-1]}")
+        stride = 4 * 2 ** (n - 1)
+        if self.patch_size != stride:
+            _fail(self, "patch_size", self.patch_size,
+                  f"must be the ResNet's total stride 4 * 2**({n} - 1) = {stride} for {n} stage(s)")
+        if not self.drop_cls:
+            _fail(self, "drop_cls", self.drop_cls, "a ResNet tower has no CLS token to keep; leave drop_cls=True")
+        if self.feature_layer not in (-1, n):
+            _fail(self, "feature_layer", self.feature_layer,
+                  f"a ResNet tower's features are its last stage's map: use -1 (or {n})")
 
     @property
     def num_patches(self) -> int:
@@ -622,8 +664,9 @@ def _tiny() -> VARGPTConfig:
             init_adaln_gamma=1e-3, loss_weighting="scale",
         ),
         vision_tower=VisionTowerConfig(
-            image_size=32, patch_size=4, hidden_size=128, intermediate_size=512, num_layers=3,
-            num_heads=4, projection_dim=128, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+            architecture="resnet", image_size=32, patch_size=8, hidden_size=128, stem_size=32,
+            stage_sizes=(64, 128), stage_depths=(1, 1), feature_layer=-1,
+            projection_dim=128, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
         ),
         llm=LLMConfig(
             architecture="llama", vocab_size=1024, hidden_size=192, intermediate_size=512,

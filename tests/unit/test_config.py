@@ -11,6 +11,7 @@ from vargpt.config import (
     SamplingConfig,
     TrainConfig,
     VARGPTConfig,
+    VisionTowerConfig,
     VisualDecoderConfig,
     VQVAEConfig,
     sampling_config_from_dict,
@@ -86,3 +87,19 @@ def test_model_needs_room_for_images_in_context():
     tiny = VARGPTConfig.from_name("tiny")
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         dataclasses.replace(tiny, llm=dataclasses.replace(tiny.llm, max_position_embeddings=64))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"patch_size": 4}, "total stride"),
+    ({"hidden_size": 64}, "last stage size"),
+    ({"stage_depths": (1,)}, "one depth per stage"),
+    ({"drop_cls": False}, "no CLS token"),
+    ({"feature_layer": -2}, "last stage's map"),
+    ({"architecture": "vgg"}, '"clip" or "resnet"'),
+])
+def test_resnet_tower_config_errors_say_what_to_fix(change, message):
+    base = dict(architecture="resnet", image_size=32, patch_size=8, hidden_size=128, stage_sizes=(64, 128),
+                stage_depths=(1, 1), feature_layer=-1)
+    with pytest.raises(ConfigError, match=message):
+        VisionTowerConfig(**{**base, **change})
+    assert VisionTowerConfig(**base).tokens_per_image == 16

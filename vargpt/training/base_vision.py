@@ -37,7 +37,7 @@ from vargpt.understanding.vision_tower import ImageProcessor, VisionTower
 logger = logging.getLogger(__name__)
 
 VISION_TRAIN = TrainConfig(name="base-vision", lr=2e-3, weight_decay=0.1, betas=(0.9, 0.98), warmup_ratio=0.1,
-                           min_lr_ratio=0.1, batch_size=128, max_steps=200, grad_clip=1.0)
+                           min_lr_ratio=0.1, batch_size=128, max_steps=450, grad_clip=1.0)
 """Default recipe of :func:`train_vision_tower`."""
 
 

@@ -78,15 +78,13 @@ class ContrastiveModel(nn.Module):
         self.answer_query = nn.Linear(width, vision_tower.hidden_size) if answer_head else None
 
     def pooled_image(self, pixels_B3HW: torch.Tensor) -> torch.Tensor:
-        """The tower's pooled (post-LN CLS) output ``(B, F)``."""
-        return self.vision_tower.model(pixel_values=pixels_B3HW).pooler_output
+        """The tower's pooled output ``(B, F)`` (CLIP: post-LN CLS)."""
+        return self.vision_tower.features_and_pooled(pixels_B3HW)[1]
 
     def _image_outputs(self, pixels_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled CLS output ``(B, F)`` and the LLaVA-facing patch features ``(B, P, F)`` in one pass."""
-        tower = self.vision_tower
-        out = tower.model(pixel_values=pixels_B3HW, output_hidden_states=True)
-        feats_BPF = out.hidden_states[tower.feature_layer]
-        return out.pooler_output, (feats_BPF[:, 1:] if tower.drop_cls else feats_BPF)
+        """Pooled output ``(B, F)`` and the LLaVA-facing patch features ``(B, P, F)`` in one pass."""
+        feats_BPF, pooled_BF = self.vision_tower.features_and_pooled(pixels_B3HW)
+        return pooled_BF, feats_BPF
 
     def encode_image(self, pixels_B3HW: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings ``(B, E)``."""

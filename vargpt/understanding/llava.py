@@ -12,9 +12,13 @@ State-dict keys: ``vision_tower.model.encoder...``, ``projector.linear_1/linear_
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import nn
 
+from vargpt.config import VisionTowerConfig
 from vargpt.llm.backbone import BackboneOutput, LLMBackbone
 from vargpt.llm.merge import merge_image_features
 from vargpt.understanding.projector import UnderstandingProjector
@@ -87,7 +91,15 @@ class Llava(nn.Module):
 
 
 def to_hf_llava_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a :class:`Llava` state dict to HF ``LlavaForConditionalGeneration`` keys (transformers 5)."""
+    """Rename a :class:`Llava` state dict to HF ``LlavaForConditionalGeneration`` keys (transformers 5).
+
+    Raises:
+        ValueError: the tower is a ResNet (HF LLaVA reads a ViT's token sequence; compare with
+            :func:`vit_stand_in` in its place).
+    """
+    if any(key.startswith("vision_tower.model.embedder.") for key in state):
+        raise ValueError("transformers' LlavaForConditionalGeneration holds ViT towers only; this model's tower "
+                         "is a ResNet (swap in vargpt.understanding.llava.vit_stand_in(...) to compare)")
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith("vision_tower.model."):
@@ -102,3 +114,18 @@ def to_hf_llava_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             raise KeyError(f"unexpected Llava state key {key!r}")
         out[new] = value
     return out
+
+
+def vit_stand_in(cfg: VisionTowerConfig, *, seed: int = 0) -> tuple[VisionTower, VisionTowerConfig]:
+    """A randomly initialised 2-layer CLIP ViT giving the same number and width of features as ``cfg``'s tower.
+
+    For comparisons with transformers' ``LlavaForConditionalGeneration`` (which holds ViT towers only) at
+    equal weights: put it in place of a ResNet tower on both sides; the projector and LLM are unchanged.
+    """
+    side = math.isqrt(cfg.num_patches)
+    vit = dataclasses.replace(
+        cfg, architecture="clip", patch_size=cfg.image_size // side, intermediate_size=4 * cfg.hidden_size,
+        num_layers=2, num_heads=4 if cfg.hidden_size % 4 == 0 else 1, feature_layer=-2, drop_cls=True,
+        stage_sizes=(), stage_depths=())
+    torch.manual_seed(seed)
+    return VisionTower.from_config(vit), vit

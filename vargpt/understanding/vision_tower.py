@@ -1,11 +1,13 @@
-"""Vision tower: HF ``CLIPVisionModel`` -> patch features, and the matching image pre-processing.
+"""Vision tower: an HF vision model -> patch features, and the matching image pre-processing.
 
-LLaVA-1.5 / VARGPT (SPEC 3.1, 3.4): the features are ``hidden_states[feature_layer]`` (-2: the
-penultimate encoder layer's output) with the CLS token dropped ("default" select strategy), so one
-image gives P = (image_size / patch_size)^2 feature vectors of width F.
+LLaVA-1.5 / VARGPT (SPEC 3.1, 3.4) use a ``CLIPVisionModel``: the features are
+``hidden_states[feature_layer]`` (-2: the penultimate encoder layer's output) with the CLS token dropped
+("default" select strategy), so one image gives P = (image_size / patch_size)^2 feature vectors of width F.
+The tiny preset uses a small HF ``ResNetModel`` instead (:class:`~vargpt.config.VisionTowerConfig`
+says why): its last stage's map, one feature vector per cell in row-major order.
 
-State-dict naming: attribute ``model`` is the ``CLIPVisionModel``; keys read
-``model.encoder.layers.0...`` (the HF keys of transformers 5, prefixed with ``model.``).
+State-dict naming: attribute ``model`` is the HF model; keys read ``model.encoder.layers.0...`` (the HF
+keys of transformers 5, prefixed with ``model.``).
 
 :class:`ImageProcessor` does CLIP's preprocessing (resize shorter side bicubic, centre-crop, scale to
 [0, 1], normalise with the config mean/std) in torch. It accepts PIL images (anything with
@@ -22,19 +24,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, ResNetConfig, ResNetModel
 
 from vargpt.config import VisionTowerConfig
 
 __all__ = ["ImageProcessor", "UnreadableImageError", "VisionTower", "hf_config_from_vision_config"]
+
+_MODELS: dict[str, tuple[type[PretrainedConfig], type[nn.Module]]] = {
+    "clip_vision_model": (CLIPVisionConfig, CLIPVisionModel),
+    "resnet": (ResNetConfig, ResNetModel),
+}
+"""HF ``model_type`` -> (config class, model class) of the supported towers."""
 
 
 class UnreadableImageError(ValueError):
     """An image could not be decoded or has an unusable shape; the message says which and why."""
 
 
-def hf_config_from_vision_config(cfg: VisionTowerConfig) -> CLIPVisionConfig:
-    """HF ``CLIPVisionConfig`` for ``cfg``."""
+def hf_config_from_vision_config(cfg: VisionTowerConfig) -> PretrainedConfig:
+    """HF ``CLIPVisionConfig`` (or ``ResNetConfig``, carrying ``image_size``) for ``cfg``."""
+    if cfg.architecture == "resnet":
+        return ResNetConfig(
+            num_channels=3, embedding_size=cfg.stem_size, hidden_sizes=list(cfg.stage_sizes),
+            depths=list(cfg.stage_depths), layer_type="basic", hidden_act="relu",
+            downsample_in_first_stage=False, image_size=cfg.image_size,
+        )
     return CLIPVisionConfig(
         image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
@@ -42,14 +56,24 @@ def hf_config_from_vision_config(cfg: VisionTowerConfig) -> CLIPVisionConfig:
     )
 
 
-class VisionTower(nn.Module):
-    """CLIP ViT returning patch features ``pixels_B3HW -> feats_BPF`` (SPEC 3.1)."""
+def _as_hf_config(hf_config: dict | PretrainedConfig) -> PretrainedConfig:
+    if not isinstance(hf_config, dict):
+        return hf_config
+    model_type = hf_config.get("model_type", "clip_vision_model")
+    if model_type not in _MODELS:
+        raise ValueError(f"unsupported vision tower model_type {model_type!r}; supported: {sorted(_MODELS)}")
+    return _MODELS[model_type][0].from_dict(hf_config)
 
-    def __init__(self, model: CLIPVisionModel, *, feature_layer: int = -2, drop_cls: bool = True) -> None:
+
+class VisionTower(nn.Module):
+    """HF vision model returning patch features ``pixels_B3HW -> feats_BPF`` (SPEC 3.1)."""
+
+    def __init__(self, model: nn.Module, *, feature_layer: int = -2, drop_cls: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.is_resnet = model.config.model_type == "resnet"
         self.feature_layer = feature_layer
-        self.drop_cls = drop_cls
+        self.drop_cls = drop_cls or self.is_resnet  # a ResNet has no CLS token to keep
 
     @classmethod
     def from_config(cls, cfg: VisionTowerConfig, *, attn_implementation: str = "sdpa") -> VisionTower:
@@ -59,14 +83,14 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_hf_config(
-        cls, hf_config: dict | CLIPVisionConfig, *, feature_layer: int = -2, drop_cls: bool = True,
+        cls, hf_config: dict | PretrainedConfig, *, feature_layer: int = -2, drop_cls: bool = True,
         attn_implementation: str = "sdpa",
     ) -> VisionTower:
         """Randomly initialised tower from an HF config (object or ``to_dict()`` form)."""
-        if isinstance(hf_config, dict):
-            hf_config = CLIPVisionConfig.from_dict(hf_config)
-        model = CLIPVisionModel(hf_config)
-        model.set_attn_implementation(attn_implementation)
+        hf_config = _as_hf_config(hf_config)
+        model = _MODELS[hf_config.model_type][1](hf_config)
+        if hf_config.model_type != "resnet":  # convolutions only: no attention implementation to pick
+            model.set_attn_implementation(attn_implementation)
         return cls(model, feature_layer=feature_layer, drop_cls=drop_cls)
 
     def hf_config_dict(self) -> dict:
@@ -77,8 +101,10 @@ class VisionTower(nn.Module):
     def from_pretrained(
         cls, path: str, *, feature_layer: int = -2, drop_cls: bool = True, dtype: torch.dtype = torch.float32,
     ) -> VisionTower:
-        """Load a ``CLIPVisionModel`` from a local directory (never downloads)."""
-        model = CLIPVisionModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        """Load a ``CLIPVisionModel`` (or ``ResNetModel``) from a local directory (never downloads)."""
+        model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
+        model_cls = _MODELS.get(model_type, _MODELS["clip_vision_model"])[1]
+        model = model_cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         return cls(model, feature_layer=feature_layer, drop_cls=drop_cls)
 
     def save_pretrained(self, path: str) -> None:
@@ -88,19 +114,38 @@ class VisionTower(nn.Module):
     @property
     def hidden_size(self) -> int:
         """Feature width F."""
-        return int(self.model.config.hidden_size)
+        config = self.model.config
+        return int(config.hidden_sizes[-1] if self.is_resnet else config.hidden_size)
 
     @property
     def num_patches(self) -> int:
         """Feature vectors per image P."""
-        side = self.model.config.image_size // self.model.config.patch_size
+        config = self.model.config
+        if self.is_resnet:
+            image_size = getattr(config, "image_size", None)
+            if image_size is None:
+                raise ValueError("a ResNet tower's HF config must carry image_size (the input side in pixels)")
+            halvings = len(config.hidden_sizes) - 1 + int(config.downsample_in_first_stage)
+            side = image_size // (4 * 2 ** halvings)
+        else:
+            side = config.image_size // config.patch_size
         return side * side + (0 if self.drop_cls else 1)
+
+    def features_and_pooled(self, pixels_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch features ``(B, P, F)`` of the selected layer and the pooled image vector ``(B, F)``
+        (CLIP: post-LN CLS; ResNet: the mean of the last map, whose cells are the features in row-major
+        order), from one pass."""
+        pixels_B3HW = pixels_B3HW.to(self.model.dtype)
+        if self.is_resnet:
+            out = self.model(pixel_values=pixels_B3HW)
+            return out.last_hidden_state.flatten(2).transpose(1, 2), out.pooler_output.flatten(1)
+        out = self.model(pixel_values=pixels_B3HW, output_hidden_states=True)
+        feats_BPF = out.hidden_states[self.feature_layer]
+        return (feats_BPF[:, 1:] if self.drop_cls else feats_BPF), out.pooler_output
 
     def forward(self, pixels_B3HW: torch.Tensor) -> torch.Tensor:
         """Patch features of the selected layer, ``(B, 3, H, W) -> (B, P, F)``."""
-        out = self.model(pixel_values=pixels_B3HW.to(self.model.dtype), output_hidden_states=True)
-        feats_BPF = out.hidden_states[self.feature_layer]
-        return feats_BPF[:, 1:] if self.drop_cls else feats_BPF
+        return self.features_and_pooled(pixels_B3HW)[0]
 
 
 class ImageProcessor:

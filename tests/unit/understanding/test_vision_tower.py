@@ -97,3 +97,49 @@ def test_llava_state_maps_to_hf_llava_names():
     assert "model.multi_modal_projector.linear_1.weight" in keys and "lm_head.weight" in keys
     assert any(k.startswith("model.vision_tower.encoder.layers.0.") for k in keys)
     assert any(k.startswith("model.language_model.layers.0.") for k in keys)
+
+
+RESNET = VisionTowerConfig(architecture="resnet", image_size=32, patch_size=8, hidden_size=24, stem_size=8,
+                           stage_sizes=(16, 24), stage_depths=(1, 1), feature_layer=-1, projection_dim=16)
+
+
+def test_resnet_tower_features_are_the_last_map_cells_row_major():
+    tower = VisionTower.from_config(RESNET).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats, pooled = tower.features_and_pooled(x)
+    assert feats.shape == (2, 16, 24) and tower.num_patches == 16 == RESNET.tokens_per_image
+    assert tower.hidden_size == 24
+    grid = tower.model(pixel_values=x).last_hidden_state  # (B, C, 4, 4)
+    assert grid.shape == (2, 24, 4, 4)
+    torch.testing.assert_close(feats[:, 4 * 1 + 2], grid[:, :, 1, 2])  # row 1, column 2
+    torch.testing.assert_close(pooled, grid.mean((2, 3)))
+    torch.testing.assert_close(tower(x), feats)
+
+
+def test_resnet_tower_config_round_trip_keeps_image_size():
+    tower = VisionTower.from_config(RESNET)
+    again = VisionTower.from_hf_config(tower.hf_config_dict())
+    assert again.num_patches == 16
+    again.load_state_dict(tower.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x), tower.eval()(x))
+
+
+def test_unknown_tower_model_type_is_a_named_error():
+    with pytest.raises(ValueError, match="unsupported vision tower model_type 'dinov2'"):
+        VisionTower.from_hf_config({"model_type": "dinov2"})
+
+
+def test_resnet_llava_cannot_become_hf_llava_but_a_vit_stand_in_matches_its_shape():
+    from vargpt.understanding.llava import vit_stand_in
+
+    torch.manual_seed(0)
+    model = Llava(VisionTower.from_config(RESNET), UnderstandingProjector(24, 24), LLMBackbone.from_config(LLM),
+                  image_token_id=IMG)
+    with pytest.raises(ValueError, match="ViT towers only"):
+        to_hf_llava_state(model.state_dict())
+    vit, vit_cfg = vit_stand_in(RESNET)
+    assert vit_cfg.architecture == "clip" and vit.num_patches == 16 and vit.hidden_size == 24
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 16, 24)
+    keys = to_hf_llava_state(Llava(vit, model.projector, model.llm, image_token_id=IMG).state_dict())
+    assert any(k.startswith("model.vision_tower.encoder.layers.1.") for k in keys)
