@@ -2,7 +2,7 @@
 
 Composition (attribute names follow the released checkpoint, SPEC section 4):
 
-    vision_tower            CLIP ViT                         pixels -> feats_BPF
+    vision_tower            CLIP ViT (tiny: ResNet)          pixels -> feats_BPF
     multi_modal_projector   Linear-GELU-Linear               feats_BPF -> embeds_BPD at <image> slots
     language_model          HF causal LM                     embeds_BTD -> final-normed hidden_BTD
     vae_local               multi-scale VQ-VAE (frozen)      image <-> codes per scale

@@ -181,7 +181,7 @@ def train_vision_tower(
     progress: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Pretrain the preset's CLIP vision tower contrastively against a small text encoder.
+    """Pretrain the preset's vision tower (CLIP ViT or ResNet) contrastively against a small text encoder.
 
     Args:
         data_dir: dataset folder; held-out loss on the ``test`` split when present.

@@ -3,7 +3,8 @@
 The released VARGPT inherits a CLIP ViT pretrained on web image-text pairs; the tiny preset has none,
 so the tower is pretrained here on the dataset's own image-text pairs. The text side is a small
 transformer encoder of our own over the BPE ids (mean-pooled); the image side is the vision tower's
-pooled CLS output (post-LN), as CLIP. Only the vision tower is kept afterwards.
+pooled output (a ViT's post-LN CLS, as CLIP; a ResNet's mean over its last map). Only the vision tower is
+kept afterwards.
 
 Datasets such as ShapesWorld pair many images with *identical* texts (and one image with several
 texts), so the loss is CLIP's symmetric cross-entropy with *multi-positive* soft targets: every pair
