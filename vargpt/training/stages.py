@@ -72,8 +72,9 @@ def vargpt_stages(preset: str) -> dict[str, StageSpec]:
         align = 0.0
     elif preset == "tiny":
         # With the residual decoder input the assembled model already generates as the pretrained decoder;
-        # stage 1 starts the projectors and the prompt -> class-condition alignment. With the input gate it
-        # matters (ablation, README: without it generation colour 0.84 -> 0.47, FID 22 -> 86).
+        # stage 1 starts the projectors and the prompt -> class-condition alignment. Its effect depends on the
+        # base models (ablation, README): with the ViT tower's (run E) dropping it cost generation colour
+        # 0.84 -> 0.47 and FID 22 -> 86; with the ResNet tower's (run F) colour+shape 0.211 -> 0.184 (noise level).
         t1 = TrainConfig(name="stage1", lr=2e-3, batch_size=32, max_steps=60, weight_decay=0.0, eval_every=30)
         t2 = TrainConfig(name="stage2", lr=5e-4, batch_size=32, max_steps=150, weight_decay=0.0, eval_every=50)
         # Stage 3 continues the decoder's class-conditional training (residual decoder input), so it keeps
