@@ -89,3 +89,42 @@ def test_shuffled_prompt_metric_is_zero_gap_only_when_the_prompt_is_unused(setup
             model.image_gen_input_gate.fill_(1.0)
     true, shuf = heldout_metrics(model, ds), heldout_metrics(model, ds, shuffle_prompts=True)
     assert abs(true["image_loss"] - shuf["image_loss"]) > 1e-4
+
+
+def test_grouped_mixed_batch_gives_the_whole_batch_loss_and_gradients(setup):
+    """Stage 2's mixed batch collated as two sub-batches (understanding / generation, each padded to its own
+    length) gives the same loss terms and the same gradients as one padded batch."""
+    from vargpt.data.datasets import VARGPTDataset, collate_vargpt, collate_vargpt_groups
+    from vargpt.data.records import load_records
+    from vargpt.training.vargpt_trainer import stage_loss_fn
+
+    model, tok = load_pretrained(setup / "stage0")
+    model.train()
+    model.vargpt_gen.cfg = dataclasses.replace(model.vargpt_gen.cfg, cond_drop_rate=0.0)  # no random drops
+    recs = load_records(setup / "data", "train")
+    und = [r for r in recs if not r.is_generation][:5]
+    gen = [r for r in recs if r.is_generation][:3]
+    ds = VARGPTDataset([und[0], gen[0], *und[1:3], gen[1], *und[3:], gen[2]], tok, model, progress=False)
+    samples = [ds[i] for i in range(len(ds))]
+    groups = collate_vargpt_groups(samples, model.token_ids.pad)
+    whole = collate_vargpt(samples, model.token_ids.pad)
+    assert len(groups) == 2 and groups[0].gen_codes is None and groups[1].gen_codes[0].shape[0] == 3
+    assert groups[0].input_ids.shape[1] < whole.input_ids.shape[1]  # the understanding group is shorter
+    loss_fn = stage_loss_fn(1.0, 1.0, 1.0)
+    results = []
+    for batch in (whole, groups):
+        model.zero_grad(set_to_none=True)
+        out = loss_fn(model, batch)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: float(v.detach()) for k, v in out.items()}, grads))
+    (m1, g1), (m2, g2) = results
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        assert abs(m1[k] - m2[k]) < 1e-5, (k, m1[k], m2[k])
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="one"):
+        loss_fn(model, [collate_vargpt(samples[1:2], model.token_ids.pad),
+                        collate_vargpt(samples[4:5], model.token_ids.pad)])

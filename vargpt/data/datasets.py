@@ -101,3 +101,16 @@ def collate_vargpt(samples: Sequence[VARGPTSample], pad_id: int):  # noqa: ANN20
                             for s in samples if s.gen_codes is not None])
     return VARGPTBatch(tb.input_ids, tb.labels, tb.attention_mask, image_feats=torch.cat(feats) if feats else None,
                        gen_codes=gen, gen_labels=labels)
+
+
+def collate_vargpt_groups(samples: Sequence[VARGPTSample], pad_id: int) -> list:  # list[VARGPTBatch]
+    """Collate a mixed batch as two padded sub-batches: samples without generated images, then those with.
+
+    Understanding samples are a few dozen tokens, generation samples carry L generation slots each; one
+    padded batch would pad every understanding sample to a generation sample's length (stage 2's 80/20 mix
+    spent most of its LLM time on padding). Empty groups are left out. ``vargpt_trainer.stage_loss_fn``
+    combines the groups' losses into exactly the loss of the whole batch.
+    """
+    groups = ([s for s in samples if s.gen_codes is None], [s for s in samples if s.gen_codes is not None])
+    return [collate_vargpt(g, pad_id) for g in groups if g]
+

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from vargpt.data.datasets import VARGPTDataset, collate_vargpt
+from vargpt.data.collate import IGNORE_INDEX
+from vargpt.data.datasets import VARGPTDataset, collate_vargpt, collate_vargpt_groups
 from vargpt.data.records import load_records
 from vargpt.pretrained import load_pretrained, save_pretrained
 from vargpt.training.loop import train
@@ -30,15 +31,33 @@ MODEL_SUBDIR = "model"
 
 
 def stage_loss_fn(text_weight: float, image_weight: float, align_weight: float = 0.0):  # noqa: ANN201
-    """``loss_fn(model, batch)`` for :func:`vargpt.training.loop.train`."""
+    """``loss_fn(model, batch)`` for :func:`vargpt.training.loop.train`.
+
+    ``batch`` is a :class:`vargpt.model.VARGPTBatch` or a list of them (the sub-batches of one batch,
+    :func:`vargpt.data.datasets.collate_vargpt_groups`). For a list the loss is exactly the whole batch's:
+    the text CE is a mean over all assistant tokens, so each sub-batch's text weight is scaled by its share
+    of them; image and alignment losses are means over generated images, so they must all sit in one
+    sub-batch (a ValueError otherwise).
+    """
 
     def loss_fn(model, batch) -> dict[str, torch.Tensor]:  # noqa: ANN001
         device = next(model.parameters()).device
-        out = model(batch.to(device), text_weight=text_weight, image_weight=image_weight, align_weight=align_weight)
-        metrics = {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss,
-                   "image_acc": out.image_accuracy}
+        parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        n_text = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in parts]
+        with_gen = [b.gen_codes is not None for b in parts]
+        if sum(with_gen) > 1:
+            raise ValueError("generated images are spread over several sub-batches; the image loss is a mean "
+                             "over images, so they must be in one (use collate_vargpt_groups)")
+        total_text = max(1, sum(n_text))
+        outs = [model(b.to(device), text_weight=text_weight * n / total_text if len(parts) > 1 else text_weight,
+                      image_weight=image_weight, align_weight=align_weight) for b, n in zip(parts, n_text, strict=True)]
+        gen = next((o for o, g in zip(outs, with_gen, strict=True) if g), outs[0])
+        text_tokens = max(1, sum(o.text_tokens for o in outs))
+        metrics = {"loss": sum(o.loss for o in outs),
+                   "text_loss": sum(o.text_loss * o.text_tokens for o in outs) / text_tokens,
+                   "image_loss": gen.image_loss, "image_acc": gen.image_accuracy}
         if align_weight > 0:
-            metrics["align_loss"] = out.align_loss
+            metrics["align_loss"] = gen.align_loss
         return metrics
 
     return loss_fn
@@ -132,7 +151,7 @@ def train_stage(
     eval_ds = VARGPTDataset(test_recs, tokenizer, model, progress=progress) if test_recs else None
     loss_fn = stage_loss_fn(cfg.text_loss_weight, cfg.image_loss_weight, cfg.cond_align_weight)
     result = train(model, loss_fn=loss_fn, train_data=train_ds,
-                   collate=partial(collate_vargpt, pad_id=model.token_ids.pad), cfg=cfg, out_dir=out / "train",
+                   collate=partial(collate_vargpt_groups, pad_id=model.token_ids.pad), cfg=cfg, out_dir=out / "train",
                    eval_data=eval_ds, save_config=model.cfg.to_dict(), resume=resume, progress=progress)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.requires_grad_(True)
