@@ -161,6 +161,10 @@ class VisualDecoderConfig:
     class_names: tuple[str, ...] = ()
     """Names of the class rows (label i is ``class_names[i]``) when known, e.g. the classes of the
     class-conditional pretraining; used to align prompts with classes (``TrainConfig.cond_align_weight``)."""
+    rope_2d: bool = False
+    """Also rotate queries and keys by a 2D rotary code of each token's image position (all scales in one
+    frame; :func:`vargpt.visual_decoder.decoder.rope_2d_angles`), so attention can depend on the offset
+    between tokens wherever they are. Off in VAR (absolute positions only); adds no parameters."""
     pos_init: Literal["trunc_normal", "sincos"] = "trunc_normal"
     """Init of the per-token position embedding ``pos_1LC``: ``"trunc_normal"`` (VAR) or ``"sincos"``: a
     2D sine-cosine code of each token's centre in image coordinates, shared by all scales (a token and
@@ -661,7 +665,7 @@ def _tiny() -> VARGPTConfig:
         ),
         visual_decoder=VisualDecoderConfig(
             depth=4, width=128, num_heads=4, drop_path_rate=0.0, num_classes=64,
-            init_adaln_gamma=1e-3, loss_weighting="scale",
+            init_adaln_gamma=1e-3, loss_weighting="scale", rope_2d=True,
         ),
         vision_tower=VisionTowerConfig(
             architecture="resnet", image_size=32, patch_size=8, hidden_size=128, stem_size=32,

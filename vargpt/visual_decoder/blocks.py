@@ -47,6 +47,13 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def apply_rope(x_BHLc: torch.Tensor, cos_Lc: torch.Tensor, sin_Lc: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + c/2) of ``x`` by per-token angles whose cos/sin are given (RoPE,
+    "rotate half" layout); ``cos_Lc`` / ``sin_Lc`` hold each pair's value on both of its channels, (L, c)."""
+    x1, x2 = x_BHLc.chunk(2, dim=-1)
+    return x_BHLc * cos_Lc + torch.cat((-x2, x1), dim=-1) * sin_Lc
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with VAR's cosine attention (SPEC 2.5).
 
@@ -74,6 +81,7 @@ class SelfAttention(nn.Module):
         *,
         attn_bias: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attend over ``x_BLC`` (plus any cached tokens).
 
@@ -82,6 +90,8 @@ class SelfAttention(nn.Module):
             attn_bias: additive bias broadcastable to (B, H, L, L_total), e.g. the block-causal bias_LL;
                 None = every query sees every key (correct per scale when a cache is used).
             cache: this block's KV cache; the new keys/values are appended and attention runs over all.
+            rope: (cos_Lc, sin_Lc) of these L tokens: rotary position angles applied to q and k after the
+                L2 normalisation (a rotation keeps the cosine form), so cached keys are stored rotated.
 
         Returns:
             out_BLC.
@@ -97,6 +107,8 @@ class SelfAttention(nn.Module):
         else:
             # Upstream's unused non-cosine variant (VAR models/basic_var.py): 0.25 / sqrt(head_dim).
             softmax_scale = 0.25 / math.sqrt(self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)
         out_BHLc = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=softmax_scale)
@@ -148,10 +160,11 @@ class AdaLNSelfAttn(nn.Module):
         *,
         attn_bias: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One block over ``x_BLC`` (B, L, C) conditioned on ``cond_BC`` (B, C); returns (B, L, C)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BC)
-        h_BLC = self.attn(self.ln(x_BLC) * (1 + scale1) + shift1, attn_bias=attn_bias, cache=cache)
+        h_BLC = self.attn(self.ln(x_BLC) * (1 + scale1) + shift1, attn_bias=attn_bias, cache=cache, rope=rope)
         x_BLC = x_BLC + self.drop_path(h_BLC * gamma1)
         h_BLC = self.ffn(self.ln(x_BLC) * (1 + scale2) + shift2)
         return x_BLC + self.drop_path(h_BLC * gamma2)

@@ -56,6 +56,30 @@ def sincos_positions(patch_nums: tuple[int, ...], width: int, *, std: float) -> 
     return (codes_LC * (std / codes_LC.pow(2).mean().sqrt())).float()
 
 
+def rope_2d_angles(patch_nums: tuple[int, ...], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (L, head_dim) of a 2D rotary position code over every token of every scale.
+
+    A token (i, j) of scale pn sits at ((i + 0.5) / pn, (j + 0.5) / pn) * pn_max, in finest-scale cells,
+    so tokens of all scales share one coordinate frame. Channel pairs (i, i + c/2) of a head (c channels,
+    n = c/4): pairs 0..n-1 turn with the row coordinate, pairs n..2n-1 with the column; pair k of each
+    group at angular frequency (pi / 2) * 16 ** (-k / (n - 1)), wavelengths from 4 cells to 64, so
+    attention can depend on the offset between two tokens, at every position alike.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head width divisible by 4, got {head_dim}")
+    n = head_dim // 4
+    omega_n = (math.pi / 2) * torch.pow(torch.tensor(16.0, dtype=torch.float64),
+                                        -torch.arange(n, dtype=torch.float64) / max(n - 1, 1))
+    rows = []
+    for pn in patch_nums:
+        c = (torch.arange(pn, dtype=torch.float64) + 0.5) * (patch_nums[-1] / pn)
+        y, x = torch.meshgrid(c, c, indexing="ij")
+        rows.append(torch.cat((y.reshape(-1, 1) * omega_n, x.reshape(-1, 1) * omega_n), dim=1))
+    angles_Lp = torch.cat(rows)
+    angles_Lc = torch.cat((angles_Lp, angles_Lp), dim=1)  # pair i = channels i and i + c/2 (rotate half)
+    return angles_Lc.cos().float(), angles_Lc.sin().float()
+
+
 class VisualDecoder(nn.Module):
     """Class-conditional VAR transformer: next-scale logits over the VQ codebook.
 
@@ -82,6 +106,10 @@ class VisualDecoder(nn.Module):
         self.register_buffer("attn_bias_for_masking", block_causal_bias(self.patch_nums).view(1, 1, L, L))
         # Per-token weights of the code cross-entropy (cfg.loss_weighting); derived, so not saved.
         self.register_buffer("loss_weights_L", token_weights(self.patch_nums, cfg.loss_weighting), persistent=False)
+        if cfg.rope_2d:  # derived from patch_nums, so not saved
+            cos_Lc, sin_Lc = rope_2d_angles(self.patch_nums, cfg.head_dim)
+            self.register_buffer("rope_cos_Lc", cos_Lc, persistent=False)
+            self.register_buffer("rope_sin_Lc", sin_Lc, persistent=False)
 
         # Blocks with a linear stochastic-depth ramp 0 .. drop_path_rate (SPEC 2.1).
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
@@ -197,9 +225,13 @@ class VisualDecoder(nn.Module):
         Returns:
             logits_BLK over the codebook.
         """
-        x_BLC = h_BLC
+        x_BLC, rope = h_BLC, None
+        if self.cfg.rope_2d:  # these tokens follow the cached ones (or start the sequence)
+            begin = 0 if cache is None else cache.length
+            end = begin + h_BLC.shape[1]
+            rope = (self.rope_cos_Lc[begin:end], self.rope_sin_Lc[begin:end])
         for i, block in enumerate(self.blocks):
-            x_BLC = block(x_BLC, cond_BC, attn_bias=attn_bias, cache=None if cache is None else cache[i])
+            x_BLC = block(x_BLC, cond_BC, attn_bias=attn_bias, cache=None if cache is None else cache[i], rope=rope)
         return self.head(self.head_nm(x_BLC, cond_BC))
 
     def causal_bias(self, length: int | None = None) -> torch.Tensor:

@@ -173,3 +173,60 @@ def test_sincos_positions_are_local_across_scales():
         VisualDecoderConfig(pos_init="learned")
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_positions((1, 2), 6, std=1.0)
+
+
+def test_rope_2d_makes_attention_depend_on_offsets_only():
+    """The 2D rotary code: a query/key score depends on the two tokens' offset, not on where they are, and
+    tokens of every scale share the frame (a 1x1 token sits at the image centre)."""
+    from vargpt.visual_decoder.blocks import apply_rope
+    from vargpt.visual_decoder.decoder import rope_2d_angles
+
+    patch_nums, c = (1, 2, 4, 8), 16
+    cos_Lc, sin_Lc = rope_2d_angles(patch_nums, c)
+    assert cos_Lc.shape == sin_Lc.shape == (1 + 4 + 16 + 64, c)
+    torch.testing.assert_close(cos_Lc ** 2 + sin_Lc ** 2, torch.ones_like(cos_Lc))
+    fine = 1 + 4 + 16  # first 8x8 token
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, c, generator=g), torch.randn(1, 1, 1, c, generator=g)
+
+    def score(qi: int, ki: int) -> float:
+        rq = apply_rope(q, cos_Lc[qi:qi + 1], sin_Lc[qi:qi + 1])
+        rk = apply_rope(k, cos_Lc[ki:ki + 1], sin_Lc[ki:ki + 1])
+        assert torch.allclose(rq.norm(), q.norm())  # a rotation: cosine attention keeps its form
+        return float((rq * rk).sum())
+
+    def cell(i: int, j: int) -> int:
+        return fine + 8 * i + j
+
+    # the same offset (+1 row, +2 columns) at two places gives the same score; another offset does not
+    assert score(cell(1, 1), cell(2, 3)) == pytest.approx(score(cell(4, 3), cell(5, 5)), abs=1e-5)
+    assert score(cell(1, 1), cell(2, 3)) != pytest.approx(score(cell(1, 1), cell(3, 2)), abs=1e-3)
+    # a token scores itself as without the code (offset 0), wherever it is
+    assert score(cell(1, 1), cell(1, 1)) == pytest.approx(float((q * k).sum()), abs=1e-5)
+    assert score(cell(6, 2), cell(6, 2)) == pytest.approx(float((q * k).sum()), abs=1e-5)
+    # one frame for all scales: the 1x1 token (centre, 4 cells in) sees 8x8 cell (4, 4) at offset (0.5, 0.5),
+    # as the 2x2 token (1, 1) (6 cells in) sees cell (6, 6)
+    assert score(0, cell(4, 4)) == pytest.approx(score(1 + 3, cell(6, 6)), abs=1e-5)
+    assert score(0, cell(4, 4)) != pytest.approx(score(1 + 3, cell(4, 4)), abs=1e-3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        rope_2d_angles((1, 2), 6)
+
+
+def test_rope_2d_is_off_in_var_and_on_in_tiny(tiny):
+    from vargpt.config import VisualDecoderConfig
+
+    dc, vq = tiny
+    assert dc.rope_2d and not VARGPTConfig.from_name("vargpt-v1-7b").visual_decoder.rope_2d
+    torch.manual_seed(0)
+    with_rope = VisualDecoder(dc, vq).eval()
+    with torch.no_grad():  # VAR's init makes the attention branch ~1e-3 of the output: use larger weights
+        for p in with_rope.parameters():
+            p.normal_(0.0, 0.1)
+    without = VisualDecoder(VisualDecoderConfig(**{**dc.__dict__, "rope_2d": False}), vq).eval()
+    without.load_state_dict(with_rope.state_dict(), strict=True)  # no new parameters or saved buffers
+    labels = torch.tensor([0, 1])
+    x = torch.randn(2, vq.tokens_total - 1, vq.z_channels)
+    with torch.no_grad():
+        a, b = with_rope(labels, x), without(labels, x)
+    torch.testing.assert_close(a[:, 0], b[:, 0])  # the 1x1 token sees only itself: offset 0, no rotation
+    assert (a[:, 1:] - b[:, 1:]).abs().max() > 0.05
