@@ -161,6 +161,12 @@ class VisualDecoderConfig:
     class_names: tuple[str, ...] = ()
     """Names of the class rows (label i is ``class_names[i]``) when known, e.g. the classes of the
     class-conditional pretraining; used to align prompts with classes (``TrainConfig.cond_align_weight``)."""
+    class_embed: Literal["table", "words"] = "table"
+    """Class condition: ``"table"``, one learned row per class (VAR); ``"words"``, the sum of learned
+    embeddings of the words of the class name (``class_names`` split on whitespace; the unconditional
+    class keeps its table row), so "red star" = "red" + "star": a word is learned from every class it
+    appears in, and an unseen combination of seen words has a condition. Needs ``class_names`` (a class
+    without a name conditions on its table row)."""
     rope_2d: bool = False
     """Also rotate queries and keys by a 2D rotary code of each token's image position (all scales in one
     frame; :func:`vargpt.visual_decoder.decoder.rope_2d_angles`), so attention can depend on the offset
@@ -184,6 +190,8 @@ class VisualDecoderConfig:
         if len(self.class_names) > self.num_classes:
             _fail(self, "class_names", f"<{len(self.class_names)} names>",
                   f"more names than num_classes={self.num_classes}")
+        if self.class_embed not in ("table", "words"):
+            _fail(self, "class_embed", self.class_embed, "must be 'table' or 'words'")
         if self.pos_init not in ("trunc_normal", "sincos"):
             _fail(self, "pos_init", self.pos_init, "must be 'trunc_normal' or 'sincos'")
 
@@ -666,6 +674,7 @@ def _tiny() -> VARGPTConfig:
         visual_decoder=VisualDecoderConfig(
             depth=4, width=128, num_heads=4, drop_path_rate=0.0, num_classes=64,
             init_adaln_gamma=1e-3, loss_weighting="scale", rope_2d=True,
+            class_embed="words",
         ),
         vision_tower=VisionTowerConfig(
             architecture="resnet", image_size=32, patch_size=8, hidden_size=128, stem_size=32,

@@ -273,8 +273,8 @@ class VARGPT(nn.Module):
         generation slot (the one that reads the prompt and predicts the first scale; with
         ``decoder_input="residual"`` it is added to the start token (through the gate with ``input_gate``)
         and, with ``decoder_condition="prompt"``, to the AdaLN condition) should equal
-        ``class_emb[label] - class_emb[uncond]``: then the decoder sees exactly the condition it was
-        pretrained with for that class. Made for that configuration (the
+        ``condition(label) - condition(uncond)`` (``class_emb`` rows with VAR's table): then the decoder
+        sees exactly the condition it was pretrained with for that class. Made for that configuration (the
         tiny preset's); with ``decoder_input="replace"`` the target is not what the decoder expects there.
         Squared error relative to the targets' mean squared norm (1.0 = predicting zero); the targets are
         constants (no gradient into the class table).
@@ -282,8 +282,9 @@ class VARGPT(nn.Module):
         keep = labels_N >= 0
         if not bool(keep.any()):
             return first_hidden_ND.sum() * 0.0
-        table = self.vargpt_gen.class_emb.weight
-        target_NC = (table[labels_N[keep]] - table[self.vargpt_gen.uncond_label]).detach()
+        dec = self.vargpt_gen
+        uncond = torch.full((1,), dec.uncond_label, dtype=torch.long, device=labels_N.device)
+        target_NC = (dec.condition(labels_N[keep]) - dec.condition(uncond)).detach()
         pred_NC = self.image_gen_projector_out(first_hidden_ND[keep]).float()
         err = (pred_NC - target_NC.float()).pow(2).sum(-1).mean()
         return err / target_NC.float().pow(2).sum(-1).mean().clamp_min(1e-12)

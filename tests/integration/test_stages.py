@@ -37,7 +37,7 @@ def test_three_stages_train_only_their_parameters(setup):
         after, _ = load_pretrained(out)
         changed = {k for k, v in after.state_dict().items()
                    if v.dtype.is_floating_point and not torch.equal(v, before.state_dict()[k])}
-        prefix = {1: ("image_gen_projector", "vargpt_gen.class_emb", "vargpt_gen.pos_start"),
+        prefix = {1: ("image_gen_projector", "vargpt_gen.class_", "vargpt_gen.pos_start"),
                   2: ("language_model", "multi_modal_projector"),
                   3: ("vargpt_gen", "image_gen_projector")}[n]
         assert changed and all(k.startswith(prefix) for k in changed), (n, sorted(changed)[:5])
@@ -100,7 +100,9 @@ def test_grouped_mixed_batch_gives_the_whole_batch_loss_and_gradients(setup):
 
     model, tok = load_pretrained(setup / "stage0")
     model.train()
-    model.vargpt_gen.cfg = dataclasses.replace(model.vargpt_gen.cfg, cond_drop_rate=0.0)  # no random drops
+    # no random condition drops (the decoder's class dropout, the model's noise-CFG counterpart)
+    model.vargpt_gen.cfg = dataclasses.replace(model.vargpt_gen.cfg, cond_drop_rate=0.0)
+    model.cfg = dataclasses.replace(model.cfg, visual_decoder=model.vargpt_gen.cfg)
     recs = load_records(setup / "data", "train")
     und = [r for r in recs if not r.is_generation][:5]
     gen = [r for r in recs if r.is_generation][:3]

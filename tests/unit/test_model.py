@@ -173,7 +173,7 @@ def test_input_gate_keeps_the_token_inputs_until_it_opens(hf_tokenizer):
 def test_trainable_sets_per_stage(model):
     stages = vargpt_stages("tiny")
     expect = {
-        "stage1": ("image_gen_projector.", "image_gen_projector_out.", "vargpt_gen.class_emb.", "vargpt_gen.pos_start"),
+        "stage1": ("image_gen_projector.", "image_gen_projector_out.", "vargpt_gen.class_", "vargpt_gen.pos_start"),
         "stage2": ("language_model.", "multi_modal_projector."),
         "stage3": ("vargpt_gen.", "image_gen_projector.", "image_gen_projector_out."),
     }

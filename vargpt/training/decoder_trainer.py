@@ -238,6 +238,7 @@ def train_decoder(
     logger.info("tokenized %d training images of %d classes in %.1fs", n_train, len(classes),
                 tokenize_seconds)
 
+    dc = dataclasses.replace(dc, class_names=tuple(classes))
     model = VisualDecoder(dc, vqvae.cfg)
     model.init_weights(torch.Generator().manual_seed(seed))
     save_config = {

@@ -90,7 +90,7 @@ def vargpt_stages(preset: str) -> dict[str, StageSpec]:
     return {
         "stage1": StageSpec(
             name="stage1", select=_class_prompts,
-            train=dataclasses.replace(t1, trainable=(*GEN_PROJECTORS, "vargpt_gen.class_emb.*",
+            train=dataclasses.replace(t1, trainable=(*GEN_PROJECTORS, "vargpt_gen.class_*",
                                                      "vargpt_gen.pos_start"),
                                       text_loss_weight=0.0, image_loss_weight=1.0,
                                       cond_align_weight=align),

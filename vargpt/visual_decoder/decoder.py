@@ -99,6 +99,17 @@ class VisualDecoder(nn.Module):
         # Embeddings (SPEC 2.2); the class table's last row is the unconditional class.
         self.word_embed = nn.Linear(vq.z_channels, C)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
+        if cfg.class_embed == "words":
+            # Word table (its last row is padding, kept at zero) and each class's word ids, derived from
+            # cfg.class_names (so not saved); a class without a name has no words.
+            words = sorted({w for name in cfg.class_names for w in name.split()})
+            ids = [[words.index(w) for w in name.split()] for name in cfg.class_names]
+            table = torch.full((cfg.num_classes + 1, max((len(i) for i in ids), default=1)), len(words))
+            for row, word_ids in enumerate(ids):
+                table[row, : len(word_ids)] = torch.tensor(word_ids)
+            self.class_word_emb = nn.Embedding(len(words) + 1, C, padding_idx=len(words))
+            self.register_buffer("class_words_NW", table, persistent=False)
+            self.register_buffer("class_has_words_N", torch.arange(cfg.num_classes + 1) < len(ids), persistent=False)
         self.pos_start = nn.Parameter(torch.empty(1, first_l, C))
         self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
         self.lvl_embed = nn.Embedding(vq.num_scales, C)
@@ -147,6 +158,8 @@ class VisualDecoder(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=std, generator=generator)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
             elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 module.weight.fill_(1.0)
                 module.bias.zero_()
@@ -172,8 +185,16 @@ class VisualDecoder(nn.Module):
 
     # ---- embedding side --------------------------------------------------------------------------
     def condition(self, labels_B: torch.Tensor) -> torch.Tensor:
-        """Class labels (B,) in [0, num_classes] -> condition vectors cond_BC (SOS and AdaLN input)."""
-        return self.class_emb(labels_B)
+        """Class labels (B,) in [0, num_classes] -> condition vectors cond_BC (SOS and AdaLN input).
+
+        ``cfg.class_embed == "words"``: the summed word embeddings of a named class's name; the table row
+        for the unconditional class and unnamed classes.
+        """
+        if self.cfg.class_embed == "table":
+            return self.class_emb(labels_B)
+        named_B1 = self.class_has_words_N[labels_B][:, None]
+        words_BC = self.class_word_emb(self.class_words_NW[labels_B]).sum(1)
+        return torch.where(named_B1, words_BC, self.class_emb(labels_B))
 
     def lvl_pos_1LC(self) -> torch.Tensor:
         """Level + absolute position embedding of every token, (1, L, C)."""

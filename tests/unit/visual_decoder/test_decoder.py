@@ -44,6 +44,7 @@ def _spec_section4_shapes(dc, vq) -> dict[str, tuple[int, ...]]:
 
 def test_state_dict_matches_spec_section4_strict(tiny):
     dc, vq = tiny
+    dc = dc.__class__(**{**dc.__dict__, "class_embed": "table"})  # VAR's class table (tiny adds a word table)
     model = VisualDecoder(dc, vq)
     shapes = _spec_section4_shapes(dc, vq)
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -230,3 +231,35 @@ def test_rope_2d_is_off_in_var_and_on_in_tiny(tiny):
         a, b = with_rope(labels, x), without(labels, x)
     torch.testing.assert_close(a[:, 0], b[:, 0])  # the 1x1 token sees only itself: offset 0, no rotation
     assert (a[:, 1:] - b[:, 1:]).abs().max() > 0.05
+
+
+def test_word_class_embedding_composes_class_names(tiny):
+    """``class_embed="words"``: a named class's condition is the sum of its words' embeddings (shared across
+    classes), the unconditional class keeps its table row, and the table mode is VAR's lookup."""
+    from vargpt.config import ConfigError, VisualDecoderConfig
+
+    dc, vq = tiny
+    names = ("red star", "blue star", "red circle")
+    dec = VisualDecoder(VisualDecoderConfig(**{**dc.__dict__, "class_embed": "words", "class_names": names}), vq)
+    with torch.no_grad():
+        dec.class_word_emb.weight.normal_()
+        dec.class_word_emb.weight[-1].zero_()  # padding row
+    cond = dec.condition(torch.tensor([0, 1, 2, dec.uncond_label]))
+    words = sorted({"red", "star", "blue", "circle"})
+    w = {n: dec.class_word_emb.weight[words.index(n)] for n in words}
+    torch.testing.assert_close(cond[0], w["red"] + w["star"])
+    torch.testing.assert_close(cond[1], w["blue"] + w["star"])
+    torch.testing.assert_close(cond[2], w["red"] + w["circle"])
+    torch.testing.assert_close(cond[3], dec.class_emb.weight[dec.uncond_label])
+    # an unnamed class (fewer names than num_classes) conditions on its table row
+    torch.testing.assert_close(dec.condition(torch.tensor([3]))[0], dec.class_emb.weight[3])
+    # the same names rebuild the same word table, so a saved decoder reloads exactly
+    again = VisualDecoder(dec.cfg, vq)
+    again.load_state_dict(dec.state_dict(), strict=True)
+    torch.testing.assert_close(again.condition(torch.tensor([0, 1, 2])), cond[:3])
+    # VAR's table mode: a plain lookup, no word table
+    table = VisualDecoder(dc.__class__(**{**dc.__dict__, "class_embed": "table"}), vq)
+    assert not hasattr(table, "class_word_emb")
+    torch.testing.assert_close(table.condition(torch.tensor([2])), table.class_emb.weight[2:3])
+    with pytest.raises(ConfigError, match="class_embed"):
+        VisualDecoderConfig(class_embed="bag")
