@@ -101,7 +101,7 @@ class VisualDecoder(nn.Module):
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
         if cfg.class_embed == "words":
             # Word table (its last row is padding, kept at zero) and each class's word ids, derived from
-            # cfg.class_names (so not saved); a class without a name has no words.
+            # cfg.class_names (so not saved); a class without a name (or an empty one) keeps its table row.
             words = sorted({w for name in cfg.class_names for w in name.split()})
             ids = [[words.index(w) for w in name.split()] for name in cfg.class_names]
             table = torch.full((cfg.num_classes + 1, max((len(i) for i in ids), default=1)), len(words))
@@ -109,7 +109,9 @@ class VisualDecoder(nn.Module):
                 table[row, : len(word_ids)] = torch.tensor(word_ids)
             self.class_word_emb = nn.Embedding(len(words) + 1, C, padding_idx=len(words))
             self.register_buffer("class_words_NW", table, persistent=False)
-            self.register_buffer("class_has_words_N", torch.arange(cfg.num_classes + 1) < len(ids), persistent=False)
+            has_words = torch.zeros(cfg.num_classes + 1, dtype=torch.bool)
+            has_words[: len(ids)] = torch.tensor([bool(i) for i in ids], dtype=torch.bool)
+            self.register_buffer("class_has_words_N", has_words, persistent=False)
         self.pos_start = nn.Parameter(torch.empty(1, first_l, C))
         self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
         self.lvl_embed = nn.Embedding(vq.num_scales, C)

@@ -251,8 +251,11 @@ def test_word_class_embedding_composes_class_names(tiny):
     torch.testing.assert_close(cond[1], w["blue"] + w["star"])
     torch.testing.assert_close(cond[2], w["red"] + w["circle"])
     torch.testing.assert_close(cond[3], dec.class_emb.weight[dec.uncond_label])
-    # an unnamed class (fewer names than num_classes) conditions on its table row
+    # an unnamed class (fewer names than num_classes) or an empty name conditions on its table row
     torch.testing.assert_close(dec.condition(torch.tensor([3]))[0], dec.class_emb.weight[3])
+    words_cfg = {**dc.__dict__, "class_embed": "words"}
+    empty = VisualDecoder(VisualDecoderConfig(**{**words_cfg, "class_names": ("", "a b")}), vq)
+    torch.testing.assert_close(empty.condition(torch.tensor([0]))[0], empty.class_emb.weight[0])
     # the same names rebuild the same word table, so a saved decoder reloads exactly
     again = VisualDecoder(dec.cfg, vq)
     again.load_state_dict(dec.state_dict(), strict=True)
