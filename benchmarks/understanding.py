@@ -2,7 +2,8 @@
 
 Prints ONE JSON object: ``accuracy`` (exact match, normalised) on the held-out colour and shape
 questions, ``per_qtype``, ``per_combo`` (seen / held-out colour x shape combinations), every qtype's
-accuracy, ``train_seconds`` (total wall time of all base steps), each step's metrics, and decode speed of
+accuracy, ``per_objects`` (every qtype on one-object and on two-object scenes: binding),
+``train_seconds`` (total wall time of all base steps), each step's metrics, and decode speed of
 our KV-cached greedy loop vs ``LlavaForConditionalGeneration.generate`` on the same weights.
 
     OMP_NUM_THREADS=2 python benchmarks/understanding.py --out runs/bench_understanding
@@ -124,6 +125,7 @@ def main() -> None:
     result.update({
         "accuracy": round(main_eval["accuracy"], 4), "n": main_eval["n"], "per_qtype": main_eval["per_qtype"],
         "per_combo": _per_combo(model, tokenizer, processor, test),
+        "per_objects": _per_objects(model, tokenizer, processor, test),
         "all_qtypes": {"accuracy": round(all_eval["accuracy"], 4), "per_qtype": all_eval["per_qtype"]},
         "eval_seconds": round(time.perf_counter() - t0, 2), "examples": main_eval["examples"],
         "image_tokens": model.num_image_tokens, "threads": torch.get_num_threads(),
@@ -141,6 +143,21 @@ def _per_combo(model, tokenizer, processor, records) -> dict:  # noqa: ANN001
         groups["seen" if r.meta.get("combo_seen", True) else "held_out"].append(r)
     return {k: round(evaluate_vqa(model, tokenizer, processor, v, qtypes=("colour", "shape"),
                                   num_examples=0)["accuracy"], 4) for k, v in sorted(groups.items())}
+
+
+def _per_objects(model, tokenizer, processor, records) -> dict:  # noqa: ANN001
+    """Accuracy per qtype on one-object and on two-object scenes (ShapesWorld ``meta.objects``): a question
+    about one of two objects needs the answer read from *that* object's cells (binding)."""
+    from vargpt.evaluation.understanding import evaluate_vqa
+
+    groups = defaultdict(list)
+    for r in records:
+        groups[f"{len(r.meta.get('objects', []))}_objects"].append(r)
+    out = {}
+    for k, v in sorted(groups.items()):
+        res = evaluate_vqa(model, tokenizer, processor, v, num_examples=0)
+        out[k] = {"accuracy": round(res["accuracy"], 4), "per_qtype": res["per_qtype"], "n": res["n"]}
+    return out
 
 
 if __name__ == "__main__":
