@@ -79,6 +79,9 @@ class VQVAEConfig:
     """Mixing ratio r of the phi convs: phi(h) = (1-r) h + r conv(h)."""
     share_quant_resi: int = 4
     """Number of shared phi convs (0 = one per scale)."""
+    norm_groups: int = 32
+    """GroupNorm groups of the encoder/decoder (capped at channels // 4 per layer, as VAR); 0 = no norm
+    layers (no parameters either, so only for models trained from scratch)."""
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     """Side of the token map at each scale; the last equals the latent side."""
 
@@ -100,6 +103,8 @@ class VQVAEConfig:
             _fail(self, "quant_resi", self.quant_resi, "must be in [0, 1]")
         if self.share_quant_resi < 0:
             _fail(self, "share_quant_resi", self.share_quant_resi, "must be >= 0")
+        if self.norm_groups < 0:
+            _fail(self, "norm_groups", self.norm_groups, "must be >= 0")
         _unit_interval(self, "dropout")
         if self.beta < 0:
             _fail(self, "beta", self.beta, "must be >= 0")

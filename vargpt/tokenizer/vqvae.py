@@ -36,10 +36,8 @@ def vqvae_config_from_dict(data: dict[str, Any]) -> VQVAEConfig:
 
 
 def norm_groups(cfg: VQVAEConfig) -> int:
-    """GroupNorm groups of the encoder/decoder: ``cfg.norm_groups`` (0 = no norm); 32 (VAR) if absent."""
-    # Transitional: VQVAEConfig.norm_groups is requested from config.py's owner; until it exists,
-    # every config means VAR's 32 groups.
-    return int(getattr(cfg, "norm_groups", 32))
+    """GroupNorm groups of the encoder/decoder: ``cfg.norm_groups`` (0 = no norm; VAR: 32)."""
+    return int(cfg.norm_groups)
 
 
 class MultiScaleVQVAE(nn.Module):

@@ -198,3 +198,14 @@ def test_norm_groups_zero_removes_norms():
     assert not any("norm" in k for k in list(enc.state_dict()) + list(dec.state_dict()))
     z = enc(torch.randn(2, 3, 8, 8))
     assert z.shape == (2, 8, 4, 4) and dec(z).shape == (2, 3, 8, 8)
+
+
+def test_config_norm_groups_reaches_the_model():
+    cfg = VQVAEConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, use_attn=False, z_channels=8,
+                      vocab_size=16, patch_nums=(1, 2, 4, 8), norm_groups=0)
+    vae = MultiScaleVQVAE(cfg)
+    assert not any("norm" in k for k in vae.state_dict())
+    assert vqvae_config_from_dict({**cfg.__dict__}).norm_groups == 0
+    assert VQVAEConfig().norm_groups == 32  # VAR's GroupNorm(32) by default (released weights)
+    with pytest.raises(ValueError, match="norm_groups"):
+        VQVAEConfig(norm_groups=-1)
