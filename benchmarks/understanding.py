@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patch-size", type=int, default=None,
                    help="override the preset tower's patch size (a CLIP tower only; the tiny ResNet's is 8)")
+    p.add_argument("--image-attention", choices=("causal", "separate"), default=None,
+                   help="LLMConfig.image_attention for the LLaVA steps (default: the preset's)")
     p.add_argument("--eval-only", action="store_true", help="evaluate OUT/llava without training")
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed comparison")
     args = p.parse_args()
@@ -114,7 +116,9 @@ def main() -> None:
     result: dict = {}
     if not args.eval_only:
         tower = {"tower_overrides": {"patch_size": args.patch_size}} if args.patch_size else {}
-        steps = train_base_models(data, out, resume=False, progress=False, step_overrides={"vision": tower})
+        align = {"image_attention": args.image_attention} if args.image_attention else {}
+        steps = train_base_models(data, out, resume=False, progress=False,
+                                  step_overrides={"vision": tower, "align": align})
         result["train_seconds"] = steps.pop("train_seconds")
         result["steps"] = {k: {m: v for m, v in s.items() if m != "checkpoint"} for k, s in steps.items()}
     model, tokenizer, processor, vt_cfg = load_llava(out / "llava")
@@ -128,7 +132,8 @@ def main() -> None:
         "per_objects": _per_objects(model, tokenizer, processor, test),
         "all_qtypes": {"accuracy": round(all_eval["accuracy"], 4), "per_qtype": all_eval["per_qtype"]},
         "eval_seconds": round(time.perf_counter() - t0, 2), "examples": main_eval["examples"],
-        "image_tokens": model.num_image_tokens, "threads": torch.get_num_threads(),
+        "image_tokens": model.num_image_tokens, "image_attention": model.image_attention,
+        "threads": torch.get_num_threads(),
     })
     if not args.no_speed:
         result["decode_speed"] = decode_speed(model, tokenizer, processor, vt_cfg, qa_items(test))

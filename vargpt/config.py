@@ -349,6 +349,11 @@ class LLMConfig:
     """Share input embedding and LM head."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """HF attention backend (both are exact with our additive float masks)."""
+    image_attention: Literal["causal", "separate"] = "causal"
+    """Attention between the slots of input images: ``"causal"`` (LLaVA: a slot sees every token before it,
+    earlier slots included) or ``"separate"``: a slot sees the text before it and itself, not other slots
+    (:func:`vargpt.llm.backbone.separate_image_tokens`); text attends to every slot either way. Not a
+    parameter change, so any LLM loads with either; train and infer with the same value."""
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -363,6 +368,8 @@ class LLMConfig:
                   f"must divide num_heads={self.num_heads}")
         if self.attn_implementation not in ("sdpa", "eager"):
             _fail(self, "attn_implementation", self.attn_implementation, "must be 'sdpa' or 'eager'")
+        if self.image_attention not in ("causal", "separate"):
+            _fail(self, "image_attention", self.image_attention, "must be 'causal' or 'separate'")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,7 +28,7 @@ from torch import nn
 
 from vargpt.config import VARGPTConfig
 from vargpt.data.collate import IGNORE_INDEX
-from vargpt.llm.backbone import LLMBackbone, additive_mask
+from vargpt.llm.backbone import LLMBackbone, additive_mask, causal_allowed, separate_image_tokens
 from vargpt.llm.merge import merge_image_features
 from vargpt.special_tokens import SpecialTokenIds
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE
@@ -198,16 +198,24 @@ class VARGPT(nn.Module):
         return self.image_gen_projector(self.gen_tokens(gen_codes, cond_NC))
 
     def llm_attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The LLM mask: 2D padding mask (causal, the paper's default) or a 4D block-causal float mask."""
+        """The LLM mask: the 2D padding mask (causal, the paper's default), or a 4D float mask when the
+        generation slots are block-causal (``gen_projector.llm_attention``) or input-image slots are kept apart
+        (``llm.image_attention="separate"``, :func:`~vargpt.llm.backbone.separate_image_tokens`)."""
+        separate = self.cfg.llm.image_attention == "separate" and bool((input_ids == self.token_ids.image).any())
         if self.cfg.gen_projector.llm_attention == "causal":
-            return attention_mask
-        is_gen = input_ids == self.token_ids.image_gen_pad
-        scale_T = self._slot_scale_ids(is_gen)
-        same_block = is_gen[:, 1:] & is_gen[:, :-1] & (scale_T[:, 1:] == scale_T[:, :-1])
-        new_block = torch.cat([torch.ones_like(is_gen[:, :1]), ~same_block], dim=1)
-        block_BT = new_block.long().cumsum(1)
-        allowed = (block_BT[:, None, :] <= block_BT[:, :, None]) & attention_mask.bool()[:, None, :]
-        allowed |= torch.eye(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)[None]
+            if not separate:
+                return attention_mask
+            allowed = causal_allowed(attention_mask)
+        else:
+            is_gen = input_ids == self.token_ids.image_gen_pad
+            scale_T = self._slot_scale_ids(is_gen)
+            same_block = is_gen[:, 1:] & is_gen[:, :-1] & (scale_T[:, 1:] == scale_T[:, :-1])
+            new_block = torch.cat([torch.ones_like(is_gen[:, :1]), ~same_block], dim=1)
+            block_BT = new_block.long().cumsum(1)
+            allowed = (block_BT[:, None, :] <= block_BT[:, :, None]) & attention_mask.bool()[:, None, :]
+            allowed |= torch.eye(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)[None]
+        if separate:
+            allowed = separate_image_tokens(allowed, input_ids == self.token_ids.image)
         return additive_mask(allowed[:, None], self.language_model.dtype)
 
     def _slot_scale_ids(self, is_gen_BT: torch.Tensor) -> torch.Tensor:

@@ -223,3 +223,42 @@ def test_condition_alignment_loss_targets_the_decoder_class_rows(hf_tokenizer):
     m(batch, image_weight=0.0, text_weight=0.0, align_weight=1.0).loss.backward()
     assert m.image_gen_projector_out.mlp[2].bias.grad.abs().sum() > 0
     assert m.vargpt_gen.class_emb.weight.grad is None or m.vargpt_gen.class_emb.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("llm_attention", ["causal", "block_causal"])
+def test_separate_image_attention_mask(hf_tokenizer, llm_attention):
+    """``llm.image_attention="separate"``: input-image slots stop attending to each other; every other entry of
+    the LLM mask (padding, causality, the block-causal generation slots) is what it is without the option."""
+    base = _cfg(llm_attention)
+    cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, image_attention="separate"))
+    ids_ = SpecialTokenIds.from_tokenizer(hf_tokenizer)
+    torch.manual_seed(0)
+    separate = VARGPT.from_config(cfg, ids_).eval()
+    plain = VARGPT.from_config(base, ids_).eval()
+    batch, _ = _batch(separate, hf_tokenizer, MIXED, n_in=2, n_gen=3)
+    ids, pad = batch.input_ids, batch.attention_mask
+    got = separate.llm_attention_mask(ids, pad)
+    assert got.dim() == 4
+    ref = plain.llm_attention_mask(ids, pad)
+    if ref.dim() == 2:  # the causal mode's 2D padding mask as a 4D one
+        T = ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()[None]
+        allowed = (causal & pad.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool)
+        ref = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    img = ids == ids_.image
+    both = img[:, :, None] & img[:, None, :] & ~torch.eye(ids.shape[1], dtype=torch.bool)[None]
+    assert int(img.sum()) == 2 * cfg.vision_tower.tokens_per_image and bool(both.any())
+    assert bool((got[:, 0][both] < 0).all())
+    assert torch.equal(got[:, 0][~both], ref[:, 0][~both])
+    out = separate(batch)
+    assert torch.isfinite(out.loss)
+    text_only, _ = _batch(separate, hf_tokenizer, MIXED[1:2], n_in=0, n_gen=1)  # no input image: mask unchanged
+    assert torch.equal(separate.llm_attention_mask(text_only.input_ids, text_only.attention_mask),
+                       plain.llm_attention_mask(text_only.input_ids, text_only.attention_mask))
+
+
+def test_separate_image_attention_config_error():
+    from vargpt.config import ConfigError, LLMConfig
+
+    with pytest.raises(ConfigError, match="image_attention"):
+        LLMConfig(image_attention="bidirectional")

@@ -59,8 +59,10 @@ __all__ = [
     "additive_mask",
     "block_causal_mask",
     "block_extension_mask",
+    "causal_allowed",
     "hf_config_from_llm_config",
     "positions_from_padding",
+    "separate_image_tokens",
 ]
 
 
@@ -161,6 +163,33 @@ def _apply_padding(allowed_BQK: torch.Tensor, padding_mask_BK: torch.Tensor, pas
     self_QK[torch.arange(num_q), past + torch.arange(num_q)] = True
     empty_BQ1 = ~allowed_BQK.any(-1, keepdim=True)
     return allowed_BQK | (empty_BQ1 & self_QK)
+
+
+def separate_image_tokens(allowed_BQK: torch.Tensor, is_image_BT: torch.Tensor) -> torch.Tensor:
+    """Remove attention between *different* image slots from a "may attend" mask over one sequence.
+
+    For ``LLMConfig.image_attention="separate"``: an image slot then sees the text before it and itself, and
+    text sees every slot as before, so each slot's hidden state stays a function of its own visual feature
+    (and the preceding text) through every layer instead of being mixed with the slots before it.
+
+    Args:
+        allowed_BQK: bool ``(B, T, T)`` mask over the T tokens of the sequences (no cache), True = attend.
+        is_image_BT: bool ``(B, T)``, True at image slots.
+
+    Returns:
+        The mask with ``[b, q, k]`` False wherever q != k are both image slots.
+    """
+    T = is_image_BT.shape[1]
+    eye_TT = torch.eye(T, dtype=torch.bool, device=is_image_BT.device)
+    return allowed_BQK & ~(is_image_BT[:, :, None] & is_image_BT[:, None, :] & ~eye_TT)
+
+
+def causal_allowed(padding_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B, T, T)`` causal "may attend" mask of T new tokens without a cache: causal, padding keys
+    excluded, and every token sees itself (so a padding row is never empty)."""
+    T = padding_mask_BT.shape[1]
+    eye_TT = torch.eye(T, dtype=torch.bool, device=padding_mask_BT.device)
+    return (torch.ones_like(eye_TT).tril()[None] & padding_mask_BT.bool()[:, None, :]) | eye_TT
 
 
 def positions_from_padding(padding_mask_BK: torch.Tensor, num_new: int | None = None) -> torch.Tensor:

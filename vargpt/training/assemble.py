@@ -52,7 +52,8 @@ def assemble_vargpt(
     decoder, _classes = load_decoder(decoder_dir)
     base = VARGPTConfig.from_name(preset)
     cfg = dataclasses.replace(base, vqvae=vqvae.cfg, visual_decoder=decoder.cfg, vision_tower=vt_cfg,
-                              llm=llm_config_from_hf(llava.llm.model.config, base.llm))
+                              llm=dataclasses.replace(llm_config_from_hf(llava.llm.model.config, base.llm),
+                                                      image_attention=llava.image_attention))
     torch.manual_seed(seed)  # the generation projectors' init
     model = VARGPT(cfg, SpecialTokenIds.from_tokenizer(tokenizer), language_model=llava.llm,
                    vision_tower=llava.vision_tower, multi_modal_projector=llava.projector, vae_local=vqvae,

@@ -166,22 +166,27 @@ def _loss(model: Llava, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 # --------------------------------------------------------------------------------------------------
 
 
-def build_llava(llm_dir: str | Path, vision_dir: str | Path, *, preset: str = "tiny",
-                seed: int = 0) -> tuple[Llava, Any, ImageProcessor, VisionTowerConfig]:
-    """Pretrained LLM (+ tokenizer) and vision tower joined by a freshly initialised projector."""
+def build_llava(llm_dir: str | Path, vision_dir: str | Path, *, preset: str = "tiny", seed: int = 0,
+                image_attention: str | None = None) -> tuple[Llava, Any, ImageProcessor, VisionTowerConfig]:
+    """Pretrained LLM (+ tokenizer) and vision tower joined by a freshly initialised projector.
+
+    ``image_attention`` (default: the preset's ``LLMConfig.image_attention``) is kept by every later step."""
     llm, tokenizer = load_llm(llm_dir)
     tower, processor, vt_cfg = load_vision_tower(vision_dir)
     torch.manual_seed(seed)
     projector = UnderstandingProjector(tower.hidden_size, llm.hidden_size,
                                        VARGPTConfig.from_name(preset).projector)
     ids = SpecialTokenIds.from_tokenizer(tokenizer)
-    return Llava(tower, projector, llm, image_token_id=ids.image), tokenizer, processor, vt_cfg
+    llava = Llava(tower, projector, llm, image_token_id=ids.image,
+                  image_attention=image_attention or VARGPTConfig.from_name(preset).llm.image_attention)
+    return llava, tokenizer, processor, vt_cfg
 
 
 def train_alignment(
     data_dir: str | Path, llm_dir: str | Path, vision_dir: str | Path, out_dir: str | Path, *,
     preset: str = "tiny", train_cfg: TrainConfig | None = None, resume: bool = True, progress: bool = True,
-    data: tuple[UnderstandingData, UnderstandingData] | None = None, **overrides: Any,
+    data: tuple[UnderstandingData, UnderstandingData] | None = None, image_attention: str | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """LLaVA stage 1: train only the projector on understanding conversations.
 
@@ -191,13 +196,16 @@ def train_alignment(
         out_dir: receives ``checkpoint/``, ``tokenizer/``, logs.
         train_cfg / overrides: recipe (default :data:`ALIGN_TRAIN`) and field overrides.
         data: precomputed ``(train, held-out)`` data (reuses tower features across steps).
+        image_attention: ``"causal"`` or ``"separate"`` (``LLMConfig.image_attention``; default the
+            preset's); saved with the model, so instruction tuning keeps it.
 
     Returns:
         Metrics: held-out answer-token ``loss_before/after``, train losses, steps, seconds.
     """
     t0 = time.perf_counter()
     tcfg = dataclasses.replace(train_cfg or ALIGN_TRAIN, **overrides)
-    model, tokenizer, processor, vt_cfg = build_llava(llm_dir, vision_dir, preset=preset, seed=tcfg.seed)
+    model, tokenizer, processor, vt_cfg = build_llava(llm_dir, vision_dir, preset=preset, seed=tcfg.seed,
+                                                      image_attention=image_attention)
     return _run(model, tokenizer, processor, vt_cfg, data_dir, out_dir, Path(llm_dir) / "tokenizer", tcfg,
                 preset=preset, resume=resume, progress=progress, data=data, t0=t0)
 
@@ -250,6 +258,7 @@ def llava_config(model: Llava, vt_cfg: VisionTowerConfig, preset: str) -> dict[s
         "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu")
     return {
         "kind": "llava", "preset": preset, "image_token_id": model.image_token_id,
+        "image_attention": model.image_attention,
         "llm_hf_config": model.llm.hf_config_dict(), "vision_hf_config": model.vision_tower.hf_config_dict(),
         "vision_tower": dataclasses.asdict(vt_cfg), "projector": {"hidden_act": hidden_act},
         "system_prompt": VARGPTConfig.from_name(preset).chat.system_prompt,
@@ -269,6 +278,7 @@ def load_llava(run_dir: str | Path) -> tuple[Llava, Any, ImageProcessor, VisionT
     llm = LLMBackbone.from_hf_config(config["llm_hf_config"])
     projector = UnderstandingProjector(tower.hidden_size, llm.hidden_size,
                                        ProjectorConfig(**config["projector"]))
-    model = Llava(tower, projector, llm, image_token_id=int(config["image_token_id"]))
+    model = Llava(tower, projector, llm, image_token_id=int(config["image_token_id"]),
+                  image_attention=config.get("image_attention", "causal"))
     model.load_state_dict(state)
     return model.eval(), load_text_tokenizer(run / "tokenizer"), ImageProcessor.from_config(vt_cfg), vt_cfg

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from vargpt.config import VisionTowerConfig
-from vargpt.llm.backbone import BackboneOutput, LLMBackbone
+from vargpt.llm.backbone import (
+    BackboneOutput,
+    LLMBackbone,
+    additive_mask,
+    causal_allowed,
+    positions_from_padding,
+    separate_image_tokens,
+)
 from vargpt.llm.merge import merge_image_features
 from vargpt.understanding.projector import UnderstandingProjector
 from vargpt.understanding.vision_tower import VisionTower
@@ -32,13 +39,17 @@ class Llava(nn.Module):
 
     def __init__(
         self, vision_tower: VisionTower, projector: UnderstandingProjector, llm: LLMBackbone, *,
-        image_token_id: int,
+        image_token_id: int, image_attention: str = "causal",
     ) -> None:
         super().__init__()
+        if image_attention not in ("causal", "separate"):
+            raise ValueError(f"image_attention={image_attention!r}: must be 'causal' or 'separate'")
         self.vision_tower = vision_tower
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        self.image_attention = image_attention
+        """``LLMConfig.image_attention``: ``"separate"`` keeps image slots from attending to each other."""
 
     @property
     def num_image_tokens(self) -> int:
@@ -86,8 +97,24 @@ class Llava(nn.Module):
         cache with text only, pass neither pixels nor features.
         """
         embeds_BTD = self.input_embeds(ids_BT, pixels_N3HW=pixels_N3HW, image_feats_NPF=image_feats_NPF)
+        if self.image_attention == "separate" and (cache is None or cache.get_seq_length() == 0):
+            attention_mask, position_ids = self.separate_image_mask(ids_BT, attention_mask, position_ids)
         return self.llm(embeds_BTD, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                         use_cache=use_cache, compute_logits=compute_logits)
+
+    def separate_image_mask(
+        self, ids_BT: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The 4D mask (and RoPE positions) of ``image_attention="separate"`` for a prompt or training
+        sequence from its 2D padding mask; unchanged when there is no image slot or the mask is already 4D."""
+        is_image_BT = ids_BT == self.image_token_id
+        if not bool(is_image_BT.any()) or (attention_mask is not None and attention_mask.dim() != 2):
+            return attention_mask, position_ids
+        padding_BT = torch.ones_like(ids_BT) if attention_mask is None else attention_mask
+        if position_ids is None:
+            position_ids = positions_from_padding(padding_BT)
+        allowed_BTT = separate_image_tokens(causal_allowed(padding_BT), is_image_BT)
+        return additive_mask(allowed_BTT, self.llm.dtype), position_ids
 
 
 def to_hf_llava_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

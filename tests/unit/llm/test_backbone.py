@@ -170,3 +170,19 @@ def test_add_special_tokens_resizes_embeddings():
     assert bb.model.get_output_embeddings().weight.shape[0] == len(tok)
     assert tok("a <image> b", add_special_tokens=False).input_ids[1] == tok.convert_tokens_to_ids("<image>")
     assert add_special_tokens(tok, bb) == []  # idempotent
+
+
+def test_separate_image_tokens_mask():
+    from vargpt.llm.backbone import causal_allowed, separate_image_tokens
+
+    pad = torch.tensor([[0, 1, 1, 1, 1, 1]])  # left padding, then: text, image, image, image, text
+    img = torch.tensor([[False, False, True, True, True, False]])
+    allowed = separate_image_tokens(causal_allowed(pad), img)[0].int()
+    assert allowed.tolist() == [
+        [1, 0, 0, 0, 0, 0],  # a padding row sees only itself (never empty)
+        [0, 1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0],  # an image slot: the text before it and itself
+        [0, 1, 0, 1, 0, 0],
+        [0, 1, 0, 0, 1, 0],
+        [0, 1, 1, 1, 1, 1],  # text after the image sees every slot
+    ]
