@@ -97,7 +97,10 @@ class Llava(nn.Module):
         cache with text only, pass neither pixels nor features.
         """
         embeds_BTD = self.input_embeds(ids_BT, pixels_N3HW=pixels_N3HW, image_feats_NPF=image_feats_NPF)
-        if self.image_attention == "separate" and (cache is None or cache.get_seq_length() == 0):
+        if self.image_attention == "separate":
+            if cache is not None and cache.get_seq_length() > 0 and bool((ids_BT == self.image_token_id).any()):
+                raise ValueError("image_attention='separate' builds its mask over a whole prompt: pass image slots "
+                                 "in the first (prefill) call, not when extending a KV cache")
             attention_mask, position_ids = self.separate_image_mask(ids_BT, attention_mask, position_ids)
         return self.llm(embeds_BTD, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                         use_cache=use_cache, compute_logits=compute_logits)

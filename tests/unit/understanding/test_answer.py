@@ -80,6 +80,11 @@ def test_separate_image_slots_depend_only_on_their_own_feature(image_attention):
         assert later_slots > 1e-3
 
 
-def test_llava_rejects_unknown_image_attention():
+def test_llava_rejects_unknown_image_attention_and_image_slots_after_prefill():
     with pytest.raises(ValueError, match="image_attention"):
         _model(image_attention="bidirectional")
+    model = _model(image_attention="separate")
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 5]]), use_cache=True).cache
+        with pytest.raises(ValueError, match="prefill"):
+            model(torch.tensor([[IMG] * 4]), image_feats_NPF=torch.randn(1, 4, 32), cache=cache)
