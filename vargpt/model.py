@@ -201,7 +201,8 @@ class VARGPT(nn.Module):
         """The LLM mask: the 2D padding mask (causal, the paper's default), or a 4D float mask when the
         generation slots are block-causal (``gen_projector.llm_attention``) or input-image slots are kept apart
         (``llm.image_attention="separate"``, :func:`~vargpt.llm.backbone.separate_image_tokens`)."""
-        separate = self.cfg.llm.image_attention == "separate" and bool((input_ids == self.token_ids.image).any())
+        is_image_BT = input_ids == self.token_ids.image
+        separate = self.cfg.llm.image_attention == "separate" and bool(is_image_BT.any())
         if self.cfg.gen_projector.llm_attention == "causal":
             if not separate:
                 return attention_mask
@@ -211,11 +212,9 @@ class VARGPT(nn.Module):
             scale_T = self._slot_scale_ids(is_gen)
             same_block = is_gen[:, 1:] & is_gen[:, :-1] & (scale_T[:, 1:] == scale_T[:, :-1])
             new_block = torch.cat([torch.ones_like(is_gen[:, :1]), ~same_block], dim=1)
-            block_BT = new_block.long().cumsum(1)
-            allowed = (block_BT[:, None, :] <= block_BT[:, :, None]) & attention_mask.bool()[:, None, :]
-            allowed |= torch.eye(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)[None]
+            allowed = causal_allowed(attention_mask, new_block.long().cumsum(1))
         if separate:
-            allowed = separate_image_tokens(allowed, input_ids == self.token_ids.image)
+            allowed = separate_image_tokens(allowed, is_image_BT)
         return additive_mask(allowed[:, None], self.language_model.dtype)
 
     def _slot_scale_ids(self, is_gen_BT: torch.Tensor) -> torch.Tensor:

@@ -184,12 +184,17 @@ def separate_image_tokens(allowed_BQK: torch.Tensor, is_image_BT: torch.Tensor) 
     return allowed_BQK & ~(is_image_BT[:, :, None] & is_image_BT[:, None, :] & ~eye_TT)
 
 
-def causal_allowed(padding_mask_BT: torch.Tensor) -> torch.Tensor:
-    """Bool ``(B, T, T)`` causal "may attend" mask of T new tokens without a cache: causal, padding keys
-    excluded, and every token sees itself (so a padding row is never empty)."""
+def causal_allowed(padding_mask_BT: torch.Tensor, block_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``(B, T, T)`` "may attend" mask of T new tokens without a cache: query q sees key k when
+    ``block_BT[k] <= block_BT[q]`` (non-decreasing block ids; default each token its own block, i.e. causal)
+    and k is not padding; every token sees itself (so a padding row is never empty)."""
     T = padding_mask_BT.shape[1]
     eye_TT = torch.eye(T, dtype=torch.bool, device=padding_mask_BT.device)
-    return (torch.ones_like(eye_TT).tril()[None] & padding_mask_BT.bool()[:, None, :]) | eye_TT
+    if block_BT is None:
+        order_BTT = torch.ones_like(eye_TT).tril()[None]
+    else:
+        order_BTT = block_BT[:, None, :] <= block_BT[:, :, None]
+    return (order_BTT & padding_mask_BT.bool()[:, None, :]) | eye_TT
 
 
 def positions_from_padding(padding_mask_BK: torch.Tensor, num_new: int | None = None) -> torch.Tensor:
