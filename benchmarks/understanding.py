@@ -98,6 +98,8 @@ def main() -> None:
                    help="override the preset tower's patch size (a CLIP tower only; the tiny ResNet's is 8)")
     p.add_argument("--image-attention", choices=("causal", "separate"), default=None,
                    help="LLMConfig.image_attention for the LLaVA steps (default: the preset's)")
+    p.add_argument("--replay-fraction", type=float, default=None,
+                   help="TrainConfig.replay_fraction of instruction tuning (default: the recipe's)")
     p.add_argument("--eval-only", action="store_true", help="evaluate OUT/llava without training")
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed comparison")
     args = p.parse_args()
@@ -117,8 +119,9 @@ def main() -> None:
     if not args.eval_only:
         tower = {"tower_overrides": {"patch_size": args.patch_size}} if args.patch_size else {}
         align = {"image_attention": args.image_attention} if args.image_attention else {}
+        instruct = {"replay_fraction": args.replay_fraction} if args.replay_fraction is not None else {}
         steps = train_base_models(data, out, resume=False, progress=False,
-                                  step_overrides={"vision": tower, "align": align})
+                                  step_overrides={"vision": tower, "align": align, "instruct": instruct})
         result["train_seconds"] = steps.pop("train_seconds")
         result["steps"] = {k: {m: v for m, v in s.items() if m != "checkpoint"} for k, s in steps.items()}
     model, tokenizer, processor, vt_cfg = load_llava(out / "llava")
@@ -133,6 +136,7 @@ def main() -> None:
         "all_qtypes": {"accuracy": round(all_eval["accuracy"], 4), "per_qtype": all_eval["per_qtype"]},
         "eval_seconds": round(time.perf_counter() - t0, 2), "examples": main_eval["examples"],
         "image_tokens": model.num_image_tokens, "image_attention": model.image_attention,
+        "instruct_replay_fraction": result.get("steps", {}).get("instruct", {}).get("replay_fraction"),
         "threads": torch.get_num_threads(),
     })
     if not args.no_speed:

@@ -524,8 +524,18 @@ class TrainConfig:
     """Checkpoint every N steps (0 = only at the end)."""
     seed: int = 0
     """Seed of data order and dropout."""
+    replay_fraction: float = 0.0
+    """Hard-example replay: this share of every batch is re-drawn from the samples already trained on, in
+    proportion to their last loss (``** replay_power``); the rest follow the plain epoch order. 0 = off.
+    Needs a loss function that returns per-sample losses (:class:`vargpt.training.loop.ReplaySampler`)."""
+    replay_power: float = 1.0
+    """Exponent on the last loss in the replay draw (0 = uniform over seen samples)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.replay_fraction < 1.0:
+            _fail(self, "replay_fraction", self.replay_fraction, "must be in [0, 1)")
+        if self.replay_power < 0:
+            _fail(self, "replay_power", self.replay_power, "must be >= 0")
         if self.lr <= 0:
             _fail(self, "lr", self.lr, "must be > 0")
         if self.weight_decay < 0:

@@ -62,6 +62,8 @@ def test_released_model_sizes():
         (lambda: SamplingConfig(cfg_schedule="cubic"), "cfg_schedule", "'cubic'"),
         (lambda: TrainConfig(lr=-1.0), "lr", "-1.0"),
         (lambda: TrainConfig(batch_size=0), "batch_size", "0"),
+        (lambda: TrainConfig(replay_fraction=1.0), "replay_fraction", "1.0"),
+        (lambda: TrainConfig(replay_power=-1.0), "replay_power", "-1.0"),
         (lambda: GenProjectorConfig(decoder_input="replace", input_gate=True), "input_gate", "True"),
     ],
 )

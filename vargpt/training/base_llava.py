@@ -39,12 +39,12 @@ from vargpt.training.base_text import (
     load_llm,
     load_split,
     load_text_tokenizer,
-    next_token_loss,
+    next_token_losses,
     run_metrics,
 )
 from vargpt.training.base_vision import load_vision_tower
 from vargpt.training.checkpoint import load_checkpoint
-from vargpt.training.loop import train
+from vargpt.training.loop import SAMPLE_LOSSES, train
 from vargpt.understanding.llava import Llava
 from vargpt.understanding.projector import UnderstandingProjector
 from vargpt.understanding.vision_tower import ImageProcessor, VisionTower
@@ -158,7 +158,8 @@ def build_understanding_data(
 def _loss(model: Llava, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = model(batch["ids"], image_feats_NPF=batch.get("feats"), pixels_N3HW=batch.get("pixels"),
                 attention_mask=batch["mask"])
-    return {"loss": next_token_loss(out.logits_BTV, batch["labels"])}
+    loss, per_sample = next_token_losses(out.logits_BTV, batch["labels"])
+    return {"loss": loss, SAMPLE_LOSSES: per_sample.detach()}  # per-sample losses: hard-example replay
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,7 +249,8 @@ def _run(model: Llava, tokenizer: Any, processor: ImageProcessor, vt_cfg: Vision
     if tokenizer_dir.resolve() != dst.resolve():
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(tokenizer_dir, dst)
-    return run_metrics(result, t0, n_train=len(train_data), unit="conversations")
+    return run_metrics(result, t0, n_train=len(train_data), unit="conversations") | {
+        "replay_fraction": tcfg.replay_fraction}
 
 
 def llava_config(model: Llava, vt_cfg: VisionTowerConfig, preset: str) -> dict[str, Any]:

@@ -200,6 +200,17 @@ def next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_in
                            ignore_index=ignore_index)
 
 
+def next_token_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+                      ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, per_sample)`` from one cross-entropy pass: the mean over all labelled next tokens of the
+    batch (as :func:`next_token_loss`), and ``(B,)`` each sample's mean over its own (0 where it has none)."""
+    labels = labels_BT[:, 1:]
+    ce_BT = F.cross_entropy(logits_BTV[:, :-1].transpose(1, 2).float(), labels, ignore_index=ignore_index,
+                            reduction="none")
+    n_B = (labels != ignore_index).sum(1)
+    return ce_BT.sum() / n_B.sum().clamp_min(1), ce_BT.sum(1) / n_B.clamp_min(1)
+
+
 def _lm_loss(model: LLMBackbone, ids_BT: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"loss": next_token_loss(model(model.embed(ids_BT)).logits_BTV, ids_BT)}
 

@@ -7,6 +7,8 @@ model is unchanged. What the loop gives every caller:
 * gradient accumulation (no gradient sync on non-final micro-steps), global-norm clipping;
 * a deterministic, resumable data order: epoch ``e`` is a permutation seeded by ``seed + e``, each
   process takes every ``world``-th sample of each global batch, and the position is the step counter;
+* optional hard-example replay (``TrainConfig.replay_fraction``): part of each batch is re-drawn from the
+  samples seen so far in proportion to their last loss (:class:`ReplaySampler`);
 * tqdm progress with loss and samples/s, periodic held-out loss, ``log.jsonl``, ``loss.png``;
 * atomic safetensors checkpoints (``checkpoint/``) every ``save_every`` steps and at the end, holding
   model, optimiser, scheduler, step and RNG state, so ``resume=True`` continues exactly;
@@ -16,6 +18,7 @@ model is unchanged. What the loop gives every caller:
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import logging
 import math
@@ -37,7 +40,11 @@ from vargpt.training.optim import build_optimizer, build_scheduler
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
-"""``loss_fn(model, batch) -> {"loss": scalar, ...other scalars}``."""
+"""``loss_fn(model, batch) -> {"loss": scalar, ...other scalars}``; with hard-example replay also
+``"sample_losses"``: a ``(B,)`` tensor, each sample's own loss, in batch order."""
+
+SAMPLE_LOSSES = "sample_losses"
+"""Key of the per-sample losses in a loss function's output (needed by hard-example replay)."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -126,6 +133,61 @@ def batch_indices(
         yield batch[rank::world]
 
 
+class ReplaySampler:
+    """Global batches mixing fresh samples (the epoch order of :func:`batch_indices`) with replayed ones.
+
+    Of each global batch of ``B`` samples, ``round(fraction * B)`` are drawn (with replacement) from the
+    samples already trained on, with probability proportional to ``last_loss ** power``; the rest continue
+    the plain epoch order. A sample's score is its loss the last time it was in a batch, so replayed samples
+    that became easy fade out. Short runs that see a fraction of an epoch spend more of their steps where
+    the model is still wrong (in the tiny LLaVA: questions about one of two objects). Everything is
+    deterministic in ``(seed, batch number, scores)``, and :meth:`state_dict` holds what resume needs.
+    """
+
+    def __init__(self, n: int, *, global_batch: int, fraction: float, power: float, seed: int,
+                 start_batch: int = 0) -> None:
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"replay fraction must be in (0, 1), got {fraction}")
+        self.n_replay = min(global_batch - 1, max(1, round(fraction * global_batch)))
+        self.n_fresh = global_batch - self.n_replay
+        self.power, self.seed, self.batch = power, seed, start_batch
+        self.scores = torch.full((n,), float("nan"))
+        self._fresh = batch_indices(n, global_batch=self.n_fresh, seed=seed, start_batch=start_batch, rank=0,
+                                    world=1)
+
+    def next_batch(self) -> list[int]:
+        """Indices of the next global batch: fresh ones first, then replayed ones."""
+        fresh = next(self._fresh)
+        seen = ~torch.isnan(self.scores)
+        if not bool(seen.any()):  # nothing scored yet: a whole batch of fresh samples
+            extra = batch_indices(len(self.scores), global_batch=self.n_replay, seed=self.seed + 7919,
+                                  start_batch=self.batch, rank=0, world=1)
+            replay = next(extra)
+        else:
+            weights = torch.where(seen, self.scores.clamp_min(0.0) ** self.power, torch.zeros(()))
+            if float(weights.sum()) <= 0.0:
+                weights = seen.float()
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch)
+            replay = torch.multinomial(weights, self.n_replay, replacement=True, generator=gen).tolist()
+        self.batch += 1
+        return fresh + replay
+
+    def update(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record the losses of the samples just trained on (later entries win for repeats)."""
+        self.scores[indices.long().cpu()] = losses.detach().float().cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": self.scores.clone(), "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["scores"].shape != self.scores.shape:
+            raise ValueError(f"replay state holds {state['scores'].numel()} scores but the data has "
+                             f"{self.scores.numel()} samples: resume with the same training data")
+        self.scores = state["scores"].clone()
+        if int(state["batch"]) != self.batch:
+            raise ValueError(f"replay state is at batch {state['batch']}, the checkpoint at {self.batch}")
+
+
 def _evaluate(model: nn.Module, loss_fn: LossFn, data: Sequence, collate: Callable, batch_size: int,
               accelerator) -> float:  # noqa: ANN001
     model.eval()
@@ -211,16 +273,25 @@ def train(
     model = model.to(acc.device)
     optimizer = build_optimizer(model.named_parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, total)
-    step, log, eval_losses, rng = 0, [], {}, None
+    step, log, eval_losses, rng, replay_state = 0, [], {}, None, None
     if resume and is_checkpoint(ckpt_dir):
-        step, log, eval_losses, rng = _restore(model, optimizer, scheduler, ckpt_dir)
+        step, log, eval_losses, rng, replay_state = _restore(model, optimizer, scheduler, ckpt_dir)
         logger.info("%s: resumed at step %d/%d", cfg.name, step, total)
     wrapped, optimizer = acc.prepare(model, optimizer)
     torch.manual_seed(cfg.seed)  # dropout and other in-model randomness
     if rng is not None:
         set_rng_state(rng)  # exact continuation
-    batches = batch_indices(len(train_data), global_batch=cfg.batch_size * acc.num_processes, seed=cfg.seed,
-                            start_batch=step * cfg.grad_accum, rank=acc.process_index, world=acc.num_processes)
+    global_batch, rank, world = cfg.batch_size * acc.num_processes, acc.process_index, acc.num_processes
+    replay = None
+    if cfg.replay_fraction > 0:
+        replay = ReplaySampler(len(train_data), global_batch=global_batch, fraction=cfg.replay_fraction,
+                               power=cfg.replay_power, seed=cfg.seed, start_batch=step * cfg.grad_accum)
+        if replay_state is not None:
+            replay.load_state_dict(replay_state)
+        batches: Iterator[list[int]] = (replay.next_batch()[rank::world] for _ in itertools.count())
+    else:
+        batches = batch_indices(len(train_data), global_batch=global_batch, seed=cfg.seed,
+                                start_batch=step * cfg.grad_accum, rank=rank, world=world)
 
     def evaluate() -> None:
         if eval_data is not None and len(eval_data) and step not in eval_losses:
@@ -229,7 +300,8 @@ def train(
 
     def checkpoint() -> Path | None:
         if acc.is_main_process:
-            _save(acc.unwrap_model(wrapped), optimizer, scheduler, step, log, eval_losses, ckpt_dir, save_config)
+            _save(acc.unwrap_model(wrapped), optimizer, scheduler, step, log, eval_losses, ckpt_dir, save_config,
+                  replay)
         acc.wait_for_everyone()
         return ckpt_dir
 
@@ -241,7 +313,7 @@ def train(
     ran = 0
     while step < total and (stop_after_steps is None or ran < stop_after_steps):
         t_step = time.perf_counter()
-        logs = _train_step(wrapped, loss_fn, optimizer, train_data, collate, batches, cfg, acc)
+        logs = _train_step(wrapped, loss_fn, optimizer, train_data, collate, batches, cfg, acc, replay)
         if not math.isfinite(logs["loss"]):
             bar.close()
             raise TrainingDivergedError(
@@ -269,15 +341,27 @@ def train(
     return TrainResult(step, losses, dict(eval_losses), time.perf_counter() - t0, last_ckpt)
 
 
-def _train_step(model, loss_fn, optimizer, data, collate, batches, cfg, acc) -> dict[str, float]:  # noqa: ANN001
+def _train_step(model, loss_fn, optimizer, data, collate, batches, cfg, acc, replay=None) -> dict[str, float]:  # noqa: ANN001
     """One optimiser step over ``grad_accum`` micro-batches; returns averaged scalars."""
     sums: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
-        batch = collate([data[i] for i in next(batches)])
+        idx = next(batches)
+        batch = collate([data[i] for i in idx])
         last = micro == cfg.grad_accum - 1
         with acc.no_sync(model) if not last and acc.num_processes > 1 else nullcontext():
             out = loss_fn(model, batch)
             acc.backward(out["loss"] / cfg.grad_accum)
+        per_sample = out.pop(SAMPLE_LOSSES, None)
+        if replay is not None:
+            if per_sample is None or per_sample.shape != (len(idx),):
+                raise ValueError(
+                    f"{cfg.name}: replay_fraction={cfg.replay_fraction} needs the loss function to return "
+                    f"{SAMPLE_LOSSES!r}, a ({len(idx)},) tensor of per-sample losses; this one returns "
+                    f"{None if per_sample is None else tuple(per_sample.shape)}. Set replay_fraction=0.")
+            both = torch.stack([torch.tensor(idx, dtype=torch.float64, device=per_sample.device),
+                                per_sample.detach().double()], dim=1)
+            both = acc.gather(both) if acc.num_processes > 1 else both
+            replay.update(both[:, 0].round().long(), both[:, 1].float())
         for k, v in out.items():
             if torch.is_tensor(v) and v.numel() == 1:
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -289,17 +373,20 @@ def _train_step(model, loss_fn, optimizer, data, collate, batches, cfg, acc) -> 
     return sums
 
 
-def _save(model, optimizer, scheduler, step, log, eval_losses, ckpt_dir, config) -> None:  # noqa: ANN001
+def _save(model, optimizer, scheduler, step, log, eval_losses, ckpt_dir, config, replay=None) -> None:  # noqa: ANN001
     trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                      "rng": rng_state(), "log": log, "eval_losses": eval_losses}
+    if replay is not None:
+        trainer_state["replay"] = replay.state_dict()
     save_checkpoint(ckpt_dir, model_state=model.state_dict(), config=config or {}, trainer_state=trainer_state)
 
 
-def _restore(model, optimizer, scheduler, ckpt_dir) -> tuple[int, list, dict, dict | None]:  # noqa: ANN001
+def _restore(model, optimizer, scheduler, ckpt_dir) -> tuple[int, list, dict, dict | None, dict | None]:  # noqa: ANN001
     state, _, trainer = load_checkpoint(ckpt_dir)
     model.load_state_dict(state)
     if trainer is None:  # weights only: start the schedule afresh
-        return 0, [], {}, None
+        return 0, [], {}, None, None
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
-    return int(trainer["step"]), list(trainer["log"]), dict(trainer["eval_losses"]), trainer["rng"]
+    return (int(trainer["step"]), list(trainer["log"]), dict(trainer["eval_losses"]), trainer["rng"],
+            trainer.get("replay"))

@@ -79,3 +79,19 @@ def test_llm_step_resumes_from_its_checkpoint(tiny_data):
     again = train_llm(tiny_data / "data", tiny_data / "tok2", tiny_data / "llm2", resume=True, **kw)
     assert again["steps"] == first["steps"] == 6
     assert again["loss_after"] == pytest.approx(first["loss_after"], abs=1e-6)
+
+
+def test_next_token_losses_mean_and_per_sample():
+    from vargpt.training.base_text import next_token_loss, next_token_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    labels[0, :4] = -100  # sample 0: two labelled next tokens
+    labels[1, 1:] = -100  # sample 1: none
+    mean, per = next_token_losses(logits, labels)
+    assert torch.allclose(mean, next_token_loss(logits, labels))
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(per[0], ce(logits[0, 3:5], labels[0, 4:6]))
+    assert per[1] == 0
+    assert torch.allclose(per[2], ce(logits[2, :5], labels[2, 1:]))

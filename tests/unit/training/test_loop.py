@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -104,3 +105,52 @@ def test_batch_indices_cover_epochs_and_shard_by_rank():
     r0 = next(batch_indices(10, global_batch=4, seed=0, start_batch=0, rank=0, world=2))
     r1 = next(batch_indices(10, global_batch=4, seed=0, start_batch=0, rank=1, world=2))
     assert len(r0) == len(r1) == 2 and not set(r0) & set(r1)
+
+
+def _per_sample_loss(model, batch):
+    x, y = batch
+    err = (model(x) - y) ** 2
+    return {"loss": err.mean(), "sample_losses": err.detach()}
+
+
+def test_replay_sampler_draws_fresh_first_then_in_proportion_to_loss():
+    from vargpt.training.loop import ReplaySampler
+
+    s = ReplaySampler(20, global_batch=8, fraction=0.5, power=1.0, seed=0)
+    first = s.next_batch()
+    assert len(first) == 8  # nothing scored yet: a second fresh order fills the replay half
+    # score: sample 3 is hard, the others seen are easy; unseen samples are never replayed
+    s.update(torch.tensor(first), torch.tensor([10.0 if i == 3 else 0.0 for i in first]))
+    if 3 not in first:
+        s.update(torch.tensor([3]), torch.tensor([10.0]))
+    counts = torch.zeros(20)
+    for _ in range(50):
+        b = s.next_batch()
+        assert len(b) == 8
+        for i in b[4:]:
+            counts[i] += 1
+    assert counts[3] == 200  # every replayed draw is the only sample with non-zero loss
+    # the fresh half keeps the plain epoch order of batch_indices
+    plain = batch_indices(20, global_batch=4, seed=0, start_batch=0, rank=0, world=1)
+    s2 = ReplaySampler(20, global_batch=8, fraction=0.5, power=0.0, seed=0)
+    assert [s2.next_batch()[:4] for _ in range(3)] == [next(plain) for _ in range(3)]
+
+
+def test_replay_needs_per_sample_losses(tmp_path):
+    cfg = TrainConfig(name="toy", lr=1e-2, max_steps=3, batch_size=8, replay_fraction=0.25)
+    with pytest.raises(ValueError, match="sample_losses"):
+        train(_fresh(), loss_fn=_loss, train_data=_data(), collate=_collate, cfg=cfg, out_dir=tmp_path,
+              progress=False)
+
+
+def test_replay_trains_and_resumes_exactly(tmp_path):
+    cfg = TrainConfig(name="toy", lr=3e-2, max_steps=30, batch_size=8, grad_accum=2, warmup_ratio=0.1, seed=3,
+                      replay_fraction=0.5)
+    kw = {"loss_fn": _per_sample_loss, "train_data": _data(), "collate": _collate, "cfg": cfg, "progress": False}
+    full = train(_fresh(), out_dir=tmp_path / "a", eval_data=_data(32, seed=1), **kw)
+    assert full.eval_losses[30] < 0.5 * full.eval_losses[0]
+    part = train(_fresh(), out_dir=tmp_path / "b", stop_after_steps=13, **kw)
+    rest = train(_fresh(), out_dir=tmp_path / "b", resume=True, **kw)
+    assert part.train_losses + rest.train_losses == pytest.approx(full.train_losses, rel=1e-6, abs=1e-7)
+    plain = train(_fresh(), out_dir=tmp_path / "c", **{**kw, "cfg": dataclasses.replace(cfg, replay_fraction=0.0)})
+    assert plain.train_losses != pytest.approx(full.train_losses)  # replay changes which samples train
