@@ -30,7 +30,7 @@ from vargpt.training.base_text import (
     strip_placeholders,
 )
 from vargpt.training.checkpoint import load_checkpoint
-from vargpt.training.loop import train
+from vargpt.training.loop import SAMPLE_LOSSES, train
 from vargpt.understanding.contrastive import ContrastiveModel, TextEncoder
 from vargpt.understanding.vision_tower import ImageProcessor, VisionTower
 
@@ -160,8 +160,11 @@ def _make_loss(answer_weight: float, contrastive_weight: float = 1.0):  # noqa: 
         parts = model(batch["pixels"], batch["ids"], batch["mask"], batch["positives"],
                       question_ids_BQ=batch["question_ids"], question_mask_BQ=batch["question_mask"],
                       answer_targets_BV=batch["answers"])
+        per_sample = contrastive_weight * parts.pop("contrastive_per_sample")
+        if "answer_per_sample" in parts:
+            per_sample = per_sample + answer_weight * parts.pop("answer_per_sample")
         loss = contrastive_weight * parts["contrastive"] + answer_weight * parts.get("answer", 0.0)
-        return {"loss": loss, **parts, "scale": model.logit_scale.detach().exp()}
+        return {"loss": loss, **parts, "scale": model.logit_scale.detach().exp(), SAMPLE_LOSSES: per_sample}
     return loss_fn
 
 

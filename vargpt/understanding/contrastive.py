@@ -108,12 +108,15 @@ class ContrastiveModel(nn.Module):
             answer_targets_BV: multi-hot answer tokens (rows without a target are skipped).
 
         Returns:
-            ``{"contrastive": ..., "answer": ...}`` (``answer`` only with the head and its inputs).
+            ``{"contrastive": ..., "answer": ...}`` (``answer`` only with the head and its inputs), and
+            ``(B,)`` detached per-pair terms ``"contrastive_per_sample"`` / ``"answer_per_sample"`` (0 for a
+            pair without a question) for hard-example replay.
         """
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP clamps the scale at 100
         pooled_BF, patches_BPF = self._image_outputs(pixels_B3HW)
         image_BE = F.normalize(self.visual_projection(pooled_BF), dim=-1)
-        out = {"contrastive": contrastive_loss(image_BE, self.encode_text(ids_BT, mask_BT), scale, positives_BB)}
+        per_B = contrastive_loss(image_BE, self.encode_text(ids_BT, mask_BT), scale, positives_BB, reduction="none")
+        out = {"contrastive": per_B.mean(), "contrastive_per_sample": per_B.detach()}
         if self.answer_image_head is not None and answer_targets_BV is not None:
             question_BW = self.text_encoder(question_ids_BQ, question_mask_BQ)
             query_BF = self.answer_query(question_BW)
@@ -122,11 +125,14 @@ class ContrastiveModel(nn.Module):
             attended_BF = torch.einsum("bp,bpf->bf", attn_BP, patches_BPF)
             logits_BV = self.answer_image_head(attended_BF) + self.answer_question_head(question_BW)
             out["answer"] = multi_hot_cross_entropy(logits_BV, answer_targets_BV)
+            out["answer_per_sample"] = multi_hot_cross_entropy(logits_BV, answer_targets_BV,
+                                                               reduction="none").detach()
         return out
 
 
 def contrastive_loss(
     image_BE: torch.Tensor, text_BE: torch.Tensor, scale: torch.Tensor | float, positives_BB: torch.Tensor,
+    *, reduction: str = "mean",
 ) -> torch.Tensor:
     """Symmetric InfoNCE with multi-positive soft targets.
 
@@ -136,25 +142,30 @@ def contrastive_loss(
         positives_BB: bool, True where image i and text j match; the diagonal must be True.
 
     Returns:
-        Mean of image->text and text->image cross-entropies against row-normalised positives.
+        Mean of image->text and text->image cross-entropies against row-normalised positives; with
+        ``reduction="none"`` ``(B,)``: pair i's own share (half its image's row plus half its text's row).
     """
     if not bool(positives_BB.diagonal().all()):
         raise ValueError("positives_BB must mark every pair (its diagonal) as positive")
     logits_BB = scale * image_BE @ text_BE.T
     target_BB = positives_BB.to(logits_BB.dtype)
-    loss_i2t = torch.sum(-target_BB / target_BB.sum(1, keepdim=True) * logits_BB.log_softmax(1), 1).mean()
+    loss_i2t_B = torch.sum(-target_BB / target_BB.sum(1, keepdim=True) * logits_BB.log_softmax(1), 1)
     target_T = target_BB.T
-    loss_t2i = torch.sum(-target_T / target_T.sum(1, keepdim=True) * logits_BB.T.log_softmax(1), 1).mean()
-    return 0.5 * (loss_i2t + loss_t2i)
+    loss_t2i_B = torch.sum(-target_T / target_T.sum(1, keepdim=True) * logits_BB.T.log_softmax(1), 1)
+    per_B = 0.5 * (loss_i2t_B + loss_t2i_B)
+    return per_B if reduction == "none" else per_B.mean()
 
 
-def multi_hot_cross_entropy(logits_BV: torch.Tensor, targets_BV: torch.Tensor) -> torch.Tensor:
+def multi_hot_cross_entropy(logits_BV: torch.Tensor, targets_BV: torch.Tensor, *,
+                            reduction: str = "mean") -> torch.Tensor:
     """Softmax cross-entropy against the row-normalised multi-hot ``targets_BV`` (a one-hot row is plain
-    cross-entropy); rows without any target are skipped."""
+    cross-entropy); rows without any target are skipped (``reduction="none"``: ``(B,)``, 0 for them)."""
     t_BV = targets_BV.to(logits_BV.dtype)
     n_B = t_BV.sum(1)
     keep = n_B > 0
+    per_B = -(t_BV * logits_BV.log_softmax(-1)).sum(1) / n_B.clamp_min(1.0)
+    if reduction == "none":
+        return per_B
     if not bool(keep.any()):
         return logits_BV.sum() * 0.0
-    per_B = -(t_BV * logits_BV.log_softmax(-1)).sum(1) / n_B.clamp_min(1.0)
     return per_B[keep].mean()
