@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
     ap.add_argument("--oracle-images", type=int, default=1000)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--replay-fraction", type=float, default=None,
+                    help="hard-example replay share of each batch (default: the recipe's)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="evaluate this checkpoint (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,7 +81,7 @@ def main() -> None:
         out = args.out or Path(tmp) / "tokenizer"
         metrics = train_tokenizer(data_dir=data, out_dir=out, preset="tiny", max_steps=args.steps,
                                   batch_size=args.batch_size, seed=args.seed, progress=args.progress,
-                                  time_budget_s=args.time_budget)
+                                  time_budget_s=args.time_budget, replay_fraction=args.replay_fraction)
         model = MultiScaleVQVAE.from_pretrained(out)
         result = {
             "psnr": metrics["psnr"],
@@ -93,6 +95,7 @@ def main() -> None:
             "images_per_second": metrics["images_per_second"],
             "train_loss": metrics["train_loss"],
             "codes_restarted": metrics["codes_restarted"],
+            "replay_fraction": args.replay_fraction,
             "vqvae": {k: v for k, v in vars(model.cfg).items()},
             "data_seconds": round(gen_seconds + metrics["load_seconds"], 2),
         }

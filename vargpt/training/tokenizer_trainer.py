@@ -37,6 +37,7 @@ from vargpt.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from vargpt.training.loop import ReplaySampler
 from vargpt.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class _State:
     train_seconds: float = 0.0
     restarted: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    replay: dict[str, Any] | None = None
+    """:meth:`ReplaySampler.state_dict` when the recipe replays hard examples."""
 
 
 def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe) -> tuple[torch.Tensor, dict]:
@@ -177,10 +180,15 @@ def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe)
     l2 = F.mse_loss(recon_B3HW, x_B3HW)
     l1 = F.l1_loss(recon_B3HW, x_B3HW)
     loss = recipe.l2_weight * l2 + recipe.l1_weight * l1 + recipe.vq_weight * vq_loss
+    out: dict[str, Any] = {"hits_SV": hits_SV}
     with torch.no_grad():
-        p = float(psnr(recon_B3HW.detach(), x_B3HW).mean())
+        out["psnr"] = float(psnr(recon_B3HW.detach(), x_B3HW).mean())
+        if recipe.train.replay_fraction > 0:  # each image's own reconstruction loss: the replay score
+            err_B3HW = recon_B3HW.detach() - x_B3HW
+            out["per_image"] = (recipe.l2_weight * err_B3HW.pow(2).mean((1, 2, 3))
+                                + recipe.l1_weight * err_B3HW.abs().mean((1, 2, 3)))
     terms = {"loss": loss, "l2": l2, "l1": l1, "vq": vq_loss}
-    return loss, {k: float(v.detach()) for k, v in terms.items()} | {"psnr": p, "hits_SV": hits_SV}
+    return loss, {k: float(v.detach()) for k, v in terms.items()} | out
 
 
 def _restart_dead_codes(
@@ -214,6 +222,10 @@ def _maybe_restart(
     st.window_hits_V = None
 
 
+def _replay_state(replay: ReplaySampler | None) -> dict[str, Any] | None:
+    return replay.state_dict() if replay is not None else None
+
+
 def _checkpoint(out_dir: Path, model: MultiScaleVQVAE, opt, sched, st: _State, recipe: TokenizerRecipe,
                 seed: int) -> None:
     save_checkpoint(
@@ -223,7 +235,7 @@ def _checkpoint(out_dir: Path, model: MultiScaleVQVAE, opt, sched, st: _State, r
         trainer_state={
             "step": st.step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": rng_state(), "window_hits_V": st.window_hits_V, "train_seconds": st.train_seconds,
-            "restarted": st.restarted, "history": st.history, "seed": seed,
+            "restarted": st.restarted, "history": st.history, "seed": seed, "replay": st.replay,
             "recipe": {**dataclasses.asdict(recipe), "train": dataclasses.asdict(recipe.train)},
         },
     )
@@ -252,7 +264,7 @@ def _setup(
             set_rng_state(trainer["rng"])
             st = _State(step=trainer["step"], window_hits_V=trainer["window_hits_V"],
                         train_seconds=trainer["train_seconds"], restarted=trainer["restarted"],
-                        history=trainer["history"])
+                        history=trainer["history"], replay=trainer.get("replay"))
         logger.info("resumed from %s at step %d", out_dir, st.step)
     model.train()
     return model, opt, sched, st
@@ -269,6 +281,7 @@ def train_tokenizer(
     seed: int = 0,
     progress: bool = True,
     time_budget_s: float | None = None,
+    replay_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Train the preset's multi-scale VQ-VAE on the images of ``data_dir`` and checkpoint it to ``out_dir``.
 
@@ -283,6 +296,9 @@ def train_tokenizer(
         seed: seed of initialisation, data order and code restarts.
         progress: show a tqdm bar with loss / PSNR / codebook usage.
         time_budget_s: stop (and checkpoint) once this many seconds of training have elapsed.
+        replay_fraction: hard-example replay (default: the recipe's ``TrainConfig.replay_fraction``): this
+            share of every batch is re-drawn from the images already trained on, by their last
+            reconstruction loss (:class:`~vargpt.training.loop.ReplaySampler`).
 
     Returns:
         Metrics: steps, train_seconds, images_per_second, final training loss terms, held-out ``psnr``
@@ -292,7 +308,8 @@ def train_tokenizer(
     if preset not in RECIPES:
         raise ValueError(f"no tokenizer recipe for preset {preset!r}; choose one of {sorted(RECIPES)}")
     recipe = RECIPES[preset]
-    overrides = {k: v for k, v in (("max_steps", max_steps), ("batch_size", batch_size)) if v is not None}
+    overrides = {k: v for k, v in (("max_steps", max_steps), ("batch_size", batch_size),
+                                   ("replay_fraction", replay_fraction)) if v is not None}
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed, **overrides))
     tc, out = recipe.train, Path(out_dir)
 
@@ -301,6 +318,12 @@ def train_tokenizer(
     train_N3HW = split_images(data_dir, "train", model.cfg.image_size)
     if train_N3HW is None:
         raise FileNotFoundError(f"{data_dir}: no train split (train.jsonl or train.json)")
+    replay = None
+    if tc.replay_fraction > 0:
+        replay = ReplaySampler(train_N3HW.shape[0], global_batch=tc.batch_size, fraction=tc.replay_fraction,
+                               power=tc.replay_power, seed=seed, start_batch=st.step)
+        if st.replay is not None:
+            replay.load_state_dict(st.replay)
     test_N3HW = split_images(data_dir, "test", model.cfg.image_size)
     load_seconds = time.perf_counter() - t0
     logger.info("loaded %d train images (%d px) in %.1fs", train_N3HW.shape[0], model.cfg.image_size,
@@ -311,11 +334,14 @@ def train_tokenizer(
     bar = tqdm(total=tc.max_steps, initial=st.step, disable=not progress, desc="tokenizer", dynamic_ncols=True)
     t_start, start_step = time.perf_counter(), st.step
     while st.step < tc.max_steps:
-        x = train_N3HW[batch_indices(st.step, tc.batch_size, train_N3HW.shape[0], seed)]
-        x = x.contiguous(memory_format=torch.channels_last)
+        idx = (torch.tensor(replay.next_batch()) if replay is not None
+               else batch_indices(st.step, tc.batch_size, train_N3HW.shape[0], seed))
+        x = train_N3HW[idx].contiguous(memory_format=torch.channels_last)
         if st.step == 0 and recipe.data_init:
             _restart_dead_codes(model, opt, torch.ones(model.cfg.vocab_size, dtype=torch.bool), x, seed, -1)
         loss, last = _loss(model, x, recipe)
+        if replay is not None:
+            replay.update(idx, last.pop("per_image"))
         if math.isnan(initial_loss):
             initial_loss = last["loss"]
         opt.zero_grad(set_to_none=True)
@@ -332,7 +358,8 @@ def train_tokenizer(
         bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{usage:.2f}")
         if tc.save_every and st.step % tc.save_every == 0 and st.step < tc.max_steps:
             st.history.append({k: v for k, v in last.items() if k != "hits_SV"} | {"step": st.step})
-            _checkpoint(out, model, opt, sched, dataclasses.replace(st, train_seconds=elapsed), recipe, seed)
+            snapshot = dataclasses.replace(st, train_seconds=elapsed, replay=_replay_state(replay))
+            _checkpoint(out, model, opt, sched, snapshot, recipe, seed)
         if time_budget_s is not None and elapsed >= time_budget_s:
             logger.info("time budget of %.0fs reached at step %d", time_budget_s, st.step)
             break
@@ -340,6 +367,7 @@ def train_tokenizer(
     loop_seconds = time.perf_counter() - t_start
     st.train_seconds += loop_seconds
     steps_run = st.step - start_step
+    st.replay = _replay_state(replay)
     _checkpoint(out, model, opt, sched, st, recipe, seed)
 
     held_out = test_N3HW if test_N3HW is not None else train_N3HW

@@ -59,18 +59,22 @@ def test_short_run_learns_and_saves(folder, tmp_path):
     assert model.reconstruct(x).shape == x.shape
 
 
-def test_resume_continues_exactly(folder, tmp_path):
+@pytest.mark.parametrize("replay", [None, 0.5])
+def test_resume_continues_exactly(folder, tmp_path, replay):
     torch.set_num_threads(1)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train_tokenizer(data_dir=folder, out_dir=straight, max_steps=5, batch_size=4, progress=False)
+    train_tokenizer(data_dir=folder, out_dir=straight, max_steps=5, batch_size=4, progress=False,
+                    replay_fraction=replay)
     # time_budget_s=0 stops (and checkpoints) after the first step, as an interruption would.
     first = train_tokenizer(data_dir=folder, out_dir=split, max_steps=5, batch_size=4, progress=False,
-                            time_budget_s=0)
+                            time_budget_s=0, replay_fraction=replay)
     assert first["steps"] == 1 and first["stopped_early"]
     _, _, trainer = load_checkpoint(split)
     assert trainer["step"] == 1
     second = train_tokenizer(data_dir=folder, out_dir=split, max_steps=5, batch_size=4, progress=False,
-                             resume=True)
+                             resume=True, replay_fraction=replay)
+    saved = load_checkpoint(split)[2]["replay"]
+    assert saved is None if replay is None else saved["batch"] == 5
     assert second["steps"] == 5 and not second["stopped_early"]
     a_state, _, a_trainer = load_checkpoint(straight)
     b_state, _, b_trainer = load_checkpoint(split)
