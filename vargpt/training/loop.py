@@ -159,7 +159,9 @@ class ReplaySampler:
         """Indices of the next global batch: fresh ones first, then replayed ones."""
         fresh = next(self._fresh)
         seen = ~torch.isnan(self.scores)
-        if not bool(seen.any()):  # nothing scored yet: a whole batch of fresh samples
+        if self.n_replay == 0:  # a global batch of one sample has no room for replay
+            replay: list[int] = []
+        elif not bool(seen.any()):  # nothing scored yet: a whole batch of fresh samples
             extra = batch_indices(len(self.scores), global_batch=self.n_replay, seed=self.seed + 7919,
                                   start_batch=self.batch, rank=0, world=1)
             replay = next(extra)

@@ -136,6 +136,17 @@ def test_replay_sampler_draws_fresh_first_then_in_proportion_to_loss():
     assert [s2.next_batch()[:4] for _ in range(3)] == [next(plain) for _ in range(3)]
 
 
+def test_replay_sampler_with_a_batch_of_one_draws_fresh_samples_only():
+    from vargpt.training.loop import ReplaySampler
+
+    s = ReplaySampler(5, global_batch=1, fraction=0.5, power=1.0, seed=0)
+    got = []
+    for _ in range(5):
+        got += s.next_batch()
+        s.update(torch.tensor(got[-1:]), torch.tensor([1.0]))
+    assert sorted(got) == list(range(5))
+
+
 def test_replay_needs_per_sample_losses(tmp_path):
     cfg = TrainConfig(name="toy", lr=1e-2, max_steps=3, batch_size=8, replay_fraction=0.25)
     with pytest.raises(ValueError, match="sample_losses"):
