@@ -88,6 +88,8 @@ def decode_speed(model, tokenizer, processor, vt_cfg, items, *, batch: int = 32,
 
 def main() -> None:
     """Generate ShapesWorld (if needed), train the base models, evaluate, print one JSON object."""
+    from vargpt.config import IMAGE_ATTENTION_MODES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_understanding")
     p.add_argument("--data", default=None, help="existing dataset folder (default: generate into OUT/data)")
@@ -96,7 +98,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patch-size", type=int, default=None,
                    help="override the preset tower's patch size (a CLIP tower only; the tiny ResNet's is 8)")
-    p.add_argument("--image-attention", choices=("causal", "separate"), default=None,
+    p.add_argument("--image-attention", choices=IMAGE_ATTENTION_MODES, default=None,
                    help="LLMConfig.image_attention for the LLaVA steps (default: the preset's)")
     p.add_argument("--replay-fraction", type=float, default=None,
                    help="TrainConfig.replay_fraction of instruction tuning (default: the recipe's)")

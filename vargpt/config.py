@@ -321,6 +321,10 @@ class ProjectorConfig:
             _fail(self, "hidden_act", self.hidden_act, "must be one of gelu, gelu_tanh, silu")
 
 
+IMAGE_ATTENTION_MODES: tuple[str, ...] = ("causal", "separate")
+"""Values of :attr:`LLMConfig.image_attention`."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class LLMConfig:
     """Causal language model backbone (any HF causal LM; Llama and Qwen2 built from config)."""
@@ -368,7 +372,7 @@ class LLMConfig:
                   f"must divide num_heads={self.num_heads}")
         if self.attn_implementation not in ("sdpa", "eager"):
             _fail(self, "attn_implementation", self.attn_implementation, "must be 'sdpa' or 'eager'")
-        if self.image_attention not in ("causal", "separate"):
+        if self.image_attention not in IMAGE_ATTENTION_MODES:
             _fail(self, "image_attention", self.image_attention, "must be 'causal' or 'separate'")
 
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from vargpt.config import VisionTowerConfig
+from vargpt.config import IMAGE_ATTENTION_MODES, VisionTowerConfig
 from vargpt.llm.backbone import (
     BackboneOutput,
     LLMBackbone,
@@ -42,7 +42,7 @@ class Llava(nn.Module):
         image_token_id: int, image_attention: str = "causal",
     ) -> None:
         super().__init__()
-        if image_attention not in ("causal", "separate"):
+        if image_attention not in IMAGE_ATTENTION_MODES:
             raise ValueError(f"image_attention={image_attention!r}: must be 'causal' or 'separate'")
         self.vision_tower = vision_tower
         self.projector = projector
