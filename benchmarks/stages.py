@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from vargpt.data.datasets import EncoderCache
 from vargpt.training.vargpt_trainer import train_stage
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -69,10 +70,11 @@ def main() -> None:
     try:
         per: dict[str, dict] = {}
         prev = stage0
+        cache = EncoderCache()  # as in a pipeline run: each image is encoded once for the three stages
         for stage in STAGES:
             t0 = time.perf_counter()
             m = train_stage(stage, from_dir=prev, data_dir=data, out_dir=out / stage, preset=a.preset,
-                            max_steps=a.max_steps, seed=a.seed, progress=False)
+                            max_steps=a.max_steps, seed=a.seed, progress=False, encoder_cache=cache)
             per[stage] = {**m, "wall_seconds": round(time.perf_counter() - t0, 2)}
             prev = out / stage
     finally:

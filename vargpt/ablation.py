@@ -206,6 +206,9 @@ def run_ablation(
         raise ConfigError(f"no dataset at {data} (the run was made with --data elsewhere?); pass --data DIR")
     stage0 = run / "stage0"
 
+    from vargpt.data.datasets import EncoderCache
+
+    cache = EncoderCache()  # every variant's stages encode the same images with stage0's frozen encoders
     stages: dict[str, dict[str, Any]] = {}
     for chain in nodes:
         key, node = chain_key(chain), out / "stages" / chain_key(chain)
@@ -218,7 +221,7 @@ def run_ablation(
             s = chain[-1]
             metrics = train_stage(s.stage, from_dir=parent, data_dir=data, out_dir=node, preset=preset,
                                   max_steps=max_steps, trainable=s.trainable, resume=True, seed=seed,
-                                  progress=progress)
+                                  progress=progress, encoder_cache=cache)
         stages[key] = {"from": str(parent), **metrics}
 
     rows = []

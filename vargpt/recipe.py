@@ -16,11 +16,17 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+def _encoder_cache() -> Any:
+    from vargpt.data.datasets import EncoderCache  # torch-heavy: imported when a run starts
+
+    return EncoderCache()
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,10 @@ class RunContext:
     user_data: Path | None = None
     """The user's dataset (never written to); None: ShapesWorld is generated at ``data_dir``. Steps read
     ``data_dir``: the user's dataset itself, or in smoke mode a small copy of it under ``out``."""
+
+    encoder_cache: Any = field(default_factory=_encoder_cache)
+    """A :class:`vargpt.data.datasets.EncoderCache` shared by the steps of one call (stages 1-3 encode the
+    same images with the same frozen encoders)."""
 
     def limits(self, step: str) -> dict[str, Any]:
         """The keyword overrides of ``step`` in smoke mode (:data:`SMOKE`), else none."""
@@ -214,7 +224,7 @@ def _stage(n: int) -> Callable[[RunContext], dict[str, Any]]:
             return {"stage": f"stage{n}", "skipped": f"no training records for this stage ({spec.description})"}
         return train_stage(f"stage{n}", from_dir=ctx.out / f"stage{n - 1}", data_dir=ctx.data_dir,
                            out_dir=ctx.out / f"stage{n}", preset=ctx.preset, resume=True, seed=ctx.seed,
-                           progress=ctx.progress, **ctx.limits("stage"))
+                           progress=ctx.progress, encoder_cache=ctx.encoder_cache, **ctx.limits("stage"))
 
     return run
 

@@ -130,3 +130,93 @@ def test_grouped_mixed_batch_gives_the_whole_batch_loss_and_gradients(setup):
     with pytest.raises(ValueError, match="one"):
         loss_fn(model, [collate_vargpt(samples[1:2], model.token_ids.pad),
                         collate_vargpt(samples[4:5], model.token_ids.pad)])
+
+
+def test_encoder_cache_reuses_only_what_the_same_encoders_computed(setup, hf_tokenizer):
+    """Datasets built with one EncoderCache encode each image once; the cached features and codes equal
+    freshly computed ones; other encoder weights or a rewritten file are encoded anew."""
+    import os
+
+    from vargpt.data.datasets import EncoderCache, VARGPTDataset
+    from vargpt.data.records import load_records
+
+    model, tok = load_pretrained(setup / "stage0")
+    recs = load_records(setup / "data", "train")
+    und = [r for r in recs if r.is_understanding][:5]
+    gen = [r for r in recs if r.is_generation][:5]
+    mixed = und[:3] + gen[:3]
+    # one entry per (encoder, image): an image can be both an input (vision) and a target (VQ)
+    n_images = len({p for r in mixed for p in r.input_images}) + len({p for r in mixed for p in r.generated_images})
+    cache = EncoderCache()
+    first = VARGPTDataset(mixed, tok, model, progress=False, cache=cache)
+    assert (cache.hits, cache.misses, len(cache)) == (0, n_images, n_images)
+    second = VARGPTDataset(und + gen, tok, model, progress=False, cache=cache)
+    assert cache.hits == n_images  # the first dataset's images are not encoded again
+    fresh = VARGPTDataset(und + gen, tok, model, progress=False)
+    for a, b in zip(second, fresh, strict=True):
+        for x, y in ((a.image_feats, b.image_feats), *zip(a.gen_codes or (), b.gen_codes or (), strict=True)):
+            assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5))
+    for a, b in zip(first, [second[i] for i in (0, 1, 2, 5, 6, 7)], strict=True):  # same records, same tensors
+        assert a.encoded == b.encoded
+        assert (a.image_feats is None and b.image_feats is None) or torch.equal(a.image_feats, b.image_feats)
+        assert all(torch.equal(x, y) for x, y in zip(a.gen_codes or (), b.gen_codes or (), strict=True))
+    # Another VQ-VAE: its codes are computed, not served from the cache (the tower's features still are).
+    hits, misses = cache.hits, cache.misses
+    with torch.no_grad():
+        model.vae_local.quantize.embedding.weight.mul_(-1.0)
+    VARGPTDataset(gen[:3], tok, model, progress=False, cache=cache)
+    assert cache.misses - misses == len({p for r in gen[:3] for p in r.generated_images}) and cache.hits == hits
+    # A rewritten file (new modification time) is encoded anew.
+    path = und[0].images[0]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    misses = cache.misses
+    VARGPTDataset(und[:1], tok, model, progress=False, cache=cache)
+    assert cache.misses == misses + 1
+
+
+def test_heldout_metrics_are_token_means_whatever_the_batching(setup):
+    """heldout_metrics is the stage's evaluation: token-weighted means (the same for any batch size, mixed
+    batches padded per group), and with weights a ``loss`` that combines them as the stage does."""
+    from vargpt.data.datasets import VARGPTDataset
+    from vargpt.data.records import load_records
+    from vargpt.training.vargpt_trainer import heldout_metrics
+
+    _, tok = load_pretrained(setup / "stage0")
+    recs = load_records(setup / "data", "test")
+    mixed = [r for r in recs if r.is_understanding][:5] + [r for r in recs if r.is_generation][:4]
+    cfg = VARGPTConfig.from_name("tiny")  # the generated images' classes are decoder classes: alignment loss
+    names = tuple(sorted({r.cls for r in mixed if r.cls}))
+    cfg = dataclasses.replace(cfg, visual_decoder=dataclasses.replace(cfg.visual_decoder, class_names=names))
+    torch.manual_seed(0)
+    model = VARGPT.from_config(cfg, SpecialTokenIds.from_tokenizer(tok))
+    ds = VARGPTDataset(mixed, tok, model, progress=False)
+    whole = heldout_metrics(model, ds, batch_size=len(ds), weights=(1.0, 2.0, 0.5))
+    small = heldout_metrics(model, ds, batch_size=2, weights=(1.0, 2.0, 0.5))
+    for k in ("text_loss", "image_loss", "image_code_accuracy", "align_loss", "loss"):
+        assert small[k] == pytest.approx(whole[k], rel=1e-5), k
+    assert whole["loss"] == pytest.approx(whole["text_loss"] + 2 * whole["image_loss"] + 0.5 * whole["align_loss"])
+    assert whole["align_loss"] > 0 and "loss" not in heldout_metrics(model, ds)
+
+
+def test_a_stage_reports_the_heldout_metrics_of_the_model_it_saved(setup, tmp_path):
+    """The stage's final held-out metrics come from the training loop's last evaluation; they are those of
+    the saved model, recomputed from scratch."""
+    import random
+
+    from vargpt.data.datasets import VARGPTDataset
+    from vargpt.data.records import load_records
+    from vargpt.training.stages import vargpt_stages
+    from vargpt.training.vargpt_trainer import heldout_metrics
+
+    m = train_stage("stage2", from_dir=setup / "stage0", data_dir=setup / "data", out_dir=tmp_path / "s2",
+                    max_steps=2, max_eval=8, progress=False)
+    model, tok = load_pretrained(tmp_path / "s2")
+    test = vargpt_stages("tiny")["stage2"].select(load_records(setup / "data", "test"), 0)
+    test = random.Random(0).sample(test, min(8, len(test)))
+    cfg = vargpt_stages("tiny")["stage2"].train
+    again = heldout_metrics(model, VARGPTDataset(test, tok, model, progress=False),
+                            weights=(cfg.text_loss_weight, cfg.image_loss_weight, cfg.cond_align_weight))
+    assert m["heldout_loss_after"] == pytest.approx(again.pop("loss"), rel=1e-4)
+    for k, v in again.items():
+        assert m["heldout"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k

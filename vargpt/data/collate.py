@@ -45,7 +45,7 @@ class EncodedSample:
 
 def encode_record(
     record: Record, tokenizer, ids: SpecialTokenIds, *, image_tokens: int, gen_tokens: int,  # noqa: ANN001
-    system_prompt: str = "", max_length: int | None = None,
+    system_prompt: str = "", max_length: int | None = None, memo: dict[str, list[int]] | None = None,
 ) -> EncodedSample:
     """Tokenize a (trusted) dataset record into ids and assistant-only labels.
 
@@ -57,6 +57,9 @@ def encode_record(
         gen_tokens: L, generation slots per generated image.
         system_prompt: default system text.
         max_length: raise :class:`SequenceTooLongError` beyond this many tokens.
+        memo: a dict the caller keeps across records of one tokenizer: each text piece (prompt headers,
+            recurring questions and answers) is tokenized once. Pieces are tokenized separately anyway,
+            so the ids are the same with or without it.
     """
     input_ids: list[int] = []
     labels: list[int] = []
@@ -71,7 +74,11 @@ def encode_record(
                 input_ids += [ids.image_gen_start] + [ids.image_gen_pad] * gen_tokens + [ids.image_gen_end]
                 labels += [ids.image_gen_start if is_target else IGNORE_INDEX] + [IGNORE_INDEX] * (gen_tokens + 1)
             else:
-                toks = tokenizer.encode(piece, add_special_tokens=False)
+                toks = memo.get(piece) if memo is not None else None
+                if toks is None:
+                    toks = tokenizer.encode(piece, add_special_tokens=False)
+                    if memo is not None:
+                        memo[piece] = toks
                 input_ids += toks
                 labels += toks if is_target else [IGNORE_INDEX] * len(toks)
     if max_length is not None and len(input_ids) > max_length:

@@ -8,6 +8,10 @@ per-step cost of the image paths.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,69 @@ class VARGPTSample:
     gen_labels: torch.Tensor | None = None  # (N_gen,) decoder class of each generated image, -1 if none
 
 
+def weights_fingerprint(module: torch.nn.Module, extra: object = None) -> str:
+    """A digest of ``module``'s parameters and buffers (names, dtypes, shapes, values) and ``extra`` (JSON).
+
+    Two modules with the same fingerprint compute the same function, so their outputs may be shared.
+    Hashes every byte once (a few milliseconds for the tiny preset's encoders).
+    """
+    h = hashlib.sha1(json.dumps(extra, sort_keys=True, default=_jsonable).encode())
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class EncoderCache:
+    """Vision features and VQ codes of image files, shared by the :class:`VARGPTDataset` s of one process.
+
+    The stages of a run (and the variants of an ablation) encode the same images with the same frozen
+    vision tower and VQ-VAE; with a cache each image is encoded once per run instead of once per stage.
+    An entry is keyed by the encoder's :func:`weights_fingerprint` (with its input settings) and by the
+    file's path, size and modification time, so a different encoder or a rewritten image is encoded
+    anew, never served stale. Values are kept in memory for the cache's lifetime (the tiny preset's
+    4,400 images: a few MB).
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple, object] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def get(self, encoder: str, paths: Sequence[Path],
+            compute: Callable[[Sequence[Path]], dict[Path, object]]) -> dict[Path, object]:
+        """``{path: value}`` for ``paths``; ``compute(missing_paths)`` fills what the cache lacks.
+
+        ``encoder`` names the encoder and its state, e.g. ``"vq:" + weights_fingerprint(vae)``.
+        """
+        keys = {}
+        for p in paths:
+            st = os.stat(p)
+            keys[p] = (encoder, str(p), st.st_size, st.st_mtime_ns)
+        missing = [p for p in paths if keys[p] not in self._store]
+        if missing:
+            for p, value in compute(missing).items():
+                self._store[keys[p]] = value
+        self.misses += len(missing)
+        self.hits += len(paths) - len(missing)
+        return {p: self._store[keys[p]] for p in paths}
+
+
+def _jsonable(obj: object) -> object:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else repr(obj)
+
+
+def _processor_key(processor: object) -> object:
+    """What an image processor's output depends on (a foreign processor: its identity, never shared)."""
+    if isinstance(processor, ImageProcessor):
+        return [processor.image_size, processor.mean_3.tolist(), processor.std_3.tolist()]
+    return f"{type(processor).__qualname__}@{id(processor)}"
+
+
 def _batched(paths: Sequence[Path], fn: Callable[[torch.Tensor], object], load: Callable[[Path], torch.Tensor],
              batch_size: int, desc: str, progress: bool) -> dict[Path, object]:
     out: dict[Path, object] = {}
@@ -51,26 +118,44 @@ class VARGPTDataset(torch.utils.data.Dataset):
         model: a :class:`vargpt.model.VARGPT` (its frozen vision tower and VQ-VAE fill the caches).
         image_processor: pixels for the vision tower; default ``ImageProcessor.from_config(cfg.vision_tower)``.
         progress: show progress bars while caching.
+        batch_size: images per encoder call.
+        cache: an :class:`EncoderCache` to reuse (and fill with) features and codes computed for earlier
+            datasets of the same encoders; None computes everything here.
     """
 
     def __init__(self, records: Sequence[Record], tokenizer, model, *, image_processor=None,  # noqa: ANN001
-                 progress: bool = True, batch_size: int = 64) -> None:
+                 progress: bool = True, batch_size: int = 64, cache: EncoderCache | None = None) -> None:
         cfg = model.cfg
         self.token_ids: SpecialTokenIds = model.token_ids
         size = cfg.vqvae.image_size
         self.samples: list[VARGPTSample] = []
+        memo: dict[str, list[int]] = {}
         enc = [encode_record(r, tokenizer, self.token_ids, image_tokens=cfg.vision_tower.tokens_per_image,
                              gen_tokens=cfg.vqvae.tokens_total, system_prompt=cfg.chat.system_prompt,
-                             max_length=cfg.llm.max_position_embeddings) for r in records]
+                             max_length=cfg.llm.max_position_embeddings, memo=memo) for r in records]
         inputs = list(dict.fromkeys(p for e in enc for p in e.input_images))
         targets = list(dict.fromkeys(p for e in enc for p in e.gen_images))
         with torch.no_grad():
             tower = model.vision_tower.eval()
             processor = image_processor or ImageProcessor.from_config(cfg.vision_tower)
             load_in = lambda p: processor.process_one(load_image(p))  # noqa: E731
-            feats = _batched(inputs, tower, load_in, batch_size, "vision features", progress)
-            codes = _batched(targets, model.vae_local.encode, lambda p: image_to_tensor(load_image(p, size)),
-                             batch_size, "VQ codes", progress)
+            encode_in = lambda ps: _batched(ps, tower, load_in, batch_size, "vision features", progress)  # noqa: E731
+            encode_gen = lambda ps: _batched(ps, model.vae_local.encode,  # noqa: E731
+                                             lambda p: image_to_tensor(load_image(p, size)),
+                                             batch_size, "VQ codes", progress)
+            if cache is None:
+                feats, codes = encode_in(inputs), encode_gen(targets)
+            else:
+                if inputs:
+                    fp = weights_fingerprint(tower, {"cfg": cfg.vision_tower, "processor": _processor_key(processor)})
+                    feats = cache.get(f"vision:{fp}", inputs, encode_in)
+                else:
+                    feats = {}
+                if targets:
+                    fp = weights_fingerprint(model.vae_local, {"cfg": cfg.vqvae})
+                    codes = cache.get(f"vq:{fp}", targets, encode_gen)
+                else:
+                    codes = {}
         # A record's class labels its generated images when it is one of the decoder's classes.
         class_index = {name: i for i, name in enumerate(cfg.visual_decoder.class_names)}
         for rec, e in zip(records, enc, strict=True):

@@ -20,6 +20,7 @@ Every problem raises :class:`DatasetError` whose message names the file, the lin
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -120,21 +121,41 @@ def _placeholders_in(text: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _resolve_image(root: Path, rel: Any, where: str, check: bool) -> Path:
-    if not isinstance(rel, str) or not rel:
-        raise DatasetError(f"{where}: image path must be a non-empty string, got {rel!r}")
-    if Path(rel).is_absolute():
-        raise DatasetError(f"{where}: image path {rel!r} must be relative to the dataset folder")
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise DatasetError(f"{where}: image path {rel!r} escapes the dataset folder {root}")
-    if check and not path.is_file():
-        raise DatasetError(f"{where}: image file not found: {rel!r} (looked for {path})")
-    return path
+class _ImageResolver:
+    """Relative image path -> absolute path under ``root``, validated; each distinct path once.
+
+    A dataset names the same image from many records (ShapesWorld: ~7 records per image), and
+    ``Path.resolve`` costs a system call per path component, so one load of a 30k-record split spent
+    most of its time resolving. The root is resolved once, each distinct string once.
+    """
+
+    def __init__(self, root: Path, check: bool) -> None:
+        self.root, self.check = root, check
+        self.base = root.resolve()
+        self.seen: dict[str, Path] = {}
+
+    def __call__(self, rel: Any, where: str) -> Path:
+        if isinstance(rel, str) and (hit := self.seen.get(rel)) is not None:
+            return hit
+        if not isinstance(rel, str) or not rel:
+            raise DatasetError(f"{where}: image path must be a non-empty string, got {rel!r}")
+        if Path(rel).is_absolute():
+            raise DatasetError(f"{where}: image path {rel!r} must be relative to the dataset folder")
+        path = (self.base / rel).resolve()
+        if not path.is_relative_to(self.base):
+            raise DatasetError(f"{where}: image path {rel!r} escapes the dataset folder {self.root}")
+        if self.check and not path.is_file():
+            raise DatasetError(f"{where}: image file not found: {rel!r} (looked for {path})")
+        self.seen[rel] = path
+        return path
 
 
-def parse_record(obj: Any, root: Path, where: str, *, check_images: bool = True) -> Record:
-    """Validate one JSON object of the native format and return a :class:`Record`."""
+def parse_record(obj: Any, root: Path, where: str, *, check_images: bool = True,
+                 resolver: _ImageResolver | None = None) -> Record:
+    """Validate one JSON object of the native format and return a :class:`Record`.
+
+    ``resolver`` (internal) shares resolved image paths across the records of one file.
+    """
     if not isinstance(obj, dict):
         raise DatasetError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - {"messages", "images", "class", "meta"}
@@ -161,7 +182,8 @@ def parse_record(obj: Any, root: Path, where: str, *, check_images: bool = True)
     images_raw = obj.get("images", [])
     if not isinstance(images_raw, list):
         raise DatasetError(f"{where}: 'images' must be a list of relative paths")
-    images = tuple(_resolve_image(root, p, where, check_images) for p in images_raw)
+    resolve = resolver or _ImageResolver(root, check_images)
+    images = tuple(resolve(p, where) for p in images_raw)
     rec = Record(tuple(messages), images, obj.get("class"), obj.get("meta") or {}, where)
     n_slots = len(rec.placeholders())
     if n_slots != len(images):
@@ -195,6 +217,7 @@ def iter_records(data_dir: str | Path, split: str = "train", *, check_images: bo
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
     jsonl, llava = root / f"{split}.jsonl", root / f"{split}.json"
+    resolver = _ImageResolver(root, check_images)
     if jsonl.is_file():
         with jsonl.open(encoding="utf-8") as fh:
             for n, line in enumerate(fh, start=1):
@@ -205,7 +228,7 @@ def iter_records(data_dir: str | Path, split: str = "train", *, check_images: bo
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DatasetError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-                yield parse_record(obj, root, where, check_images=check_images)
+                yield parse_record(obj, root, where, check_images=check_images, resolver=resolver)
     elif llava.is_file():
         try:
             data = json.loads(llava.read_text(encoding="utf-8"))
@@ -215,14 +238,38 @@ def iter_records(data_dir: str | Path, split: str = "train", *, check_images: bo
             raise DatasetError(f"{llava}: a LLaVA file must hold a JSON list of records")
         for n, obj in enumerate(data):
             where = f"{llava}[{n}]"
-            yield parse_record(_llava_to_native(obj, where), root, where, check_images=check_images)
+            yield parse_record(_llava_to_native(obj, where), root, where, check_images=check_images,
+                               resolver=resolver)
     else:
         raise DatasetError(f"{root}: no {split}.jsonl (or LLaVA-style {split}.json) in the dataset folder")
 
 
 def load_records(data_dir: str | Path, split: str = "train", *, check_images: bool = True) -> list[Record]:
-    """Read and validate every record of ``split`` (see module docstring for the format)."""
-    return list(iter_records(data_dir, split, check_images=check_images))
+    """Read and validate every record of ``split`` (see module docstring for the format).
+
+    The last few files read are remembered in this process (keyed by path and a digest of the content):
+    the steps of a pipeline run read the same split several times (each VARGPT stage reads it twice),
+    and a re-read returns a new list of the same records (frozen; treat their ``meta`` as read-only)
+    without parsing the file again. Splits of more than 200,000 records are not remembered.
+    """
+    root = Path(data_dir)
+    files = [f for f in (root / f"{split}.jsonl", root / f"{split}.json") if f.is_file()]
+    if not files:
+        return list(iter_records(data_dir, split, check_images=check_images))  # raises the named error
+    key = (str(root.resolve()), files[0].name, hashlib.sha1(files[0].read_bytes()).hexdigest(), check_images)
+    if (hit := _RECENT_LOADS.get(key)) is None:
+        hit = tuple(iter_records(data_dir, split, check_images=check_images))
+        if len(hit) > _RECENT_LOADS_MAX_RECORDS:
+            return list(hit)
+        _RECENT_LOADS[key] = hit
+        while len(_RECENT_LOADS) > _RECENT_LOADS_MAX:
+            _RECENT_LOADS.pop(next(iter(_RECENT_LOADS)))
+    return list(hit)
+
+
+_RECENT_LOADS: dict[tuple, tuple[Record, ...]] = {}
+_RECENT_LOADS_MAX = 4  # a dataset's train and test splits, twice over
+_RECENT_LOADS_MAX_RECORDS = 200_000  # beyond this, memory matters more than seconds of parsing
 
 
 def unique_images(records: list[Record]) -> list[Path]:

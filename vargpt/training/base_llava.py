@@ -131,12 +131,13 @@ def build_understanding_data(
     (or, with ``pixels=True``, only preprocess them: for a run that trains the tower)."""
     ids = SpecialTokenIds.from_tokenizer(tokenizer)
     rows: dict[Path, int] = {}
+    memo: dict[str, list[int]] = {}  # recurring text pieces are tokenized once
 
     def encode(recs: Sequence[Record]) -> list[UnderstandingSample]:
         out = []
         for r in understanding_records(recs):
             enc = encode_record(r, tokenizer, ids, image_tokens=tower.num_patches, gen_tokens=1,
-                                system_prompt=system_prompt, max_length=max_length)
+                                system_prompt=system_prompt, max_length=max_length, memo=memo)
             out.append(UnderstandingSample(enc.input_ids, enc.labels,
                                            [rows.setdefault(p, len(rows)) for p in enc.input_images]))
         return out

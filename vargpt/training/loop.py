@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
 SAMPLE_LOSSES = "sample_losses"
 """Key of the per-sample losses in a loss function's output (needed by hard-example replay)."""
 
+EvalFn = Callable[[nn.Module, Sequence], dict[str, float]]
+"""``eval_fn(model, eval_data) -> {"loss": float, ...other floats}``: a custom held-out evaluation (see
+:func:`train`)."""
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
@@ -60,6 +64,8 @@ class TrainResult:
     eval_losses: dict[int, float]
     seconds: float
     checkpoint: Path | None
+    eval_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Every held-out evaluation's full output by step (``{"loss": ...}`` without an ``eval_fn``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary."""
@@ -243,6 +249,7 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     accelerator=None,  # noqa: ANN001 - accelerate.Accelerator
+    eval_fn: EvalFn | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` with ``loss_fn``; checkpoint to ``out_dir/checkpoint``.
 
@@ -260,6 +267,10 @@ def train(
         stop_after_steps: stop (with a checkpoint) after this many steps of *this* invocation; for
             time-boxed runs and interruption tests.
         accelerator: an ``accelerate.Accelerator``; default: a new one (CPU when no GPU).
+        eval_fn: the held-out evaluation, ``(model, eval_data) -> {"loss": float, ...}``, called with the
+            unwrapped model in eval mode on every process (each sees all of ``eval_data``); its other
+            values are logged as ``eval_<name>`` and returned in ``TrainResult.eval_metrics``. Default: the
+            mean of ``loss_fn``'s loss over batches of ``eval_data``, split across processes.
 
     Raises:
         TrainingDivergedError: the loss became NaN/Inf.
@@ -297,8 +308,19 @@ def train(
 
     def evaluate() -> None:
         if eval_data is not None and len(eval_data) and step not in eval_losses:
-            eval_losses[step] = _evaluate(wrapped, loss_fn, eval_data, collate, cfg.batch_size, acc)
-            log.append({"step": step, "eval_loss": eval_losses[step]})
+            if eval_fn is None:
+                metrics = {"loss": _evaluate(wrapped, loss_fn, eval_data, collate, cfg.batch_size, acc)}
+            else:
+                inner = acc.unwrap_model(wrapped)
+                inner.eval()
+                with torch.no_grad():
+                    metrics = {k: float(v) for k, v in eval_fn(inner, eval_data).items()}
+                inner.train()
+                if "loss" not in metrics:
+                    raise ValueError(f"eval_fn must return a 'loss' entry; it returned {sorted(metrics)}")
+            eval_losses[step] = metrics["loss"]
+            log.append({"step": step, "eval_loss": metrics["loss"],
+                        **{f"eval_{k}": v for k, v in metrics.items() if k != "loss"}})
 
     def checkpoint() -> Path | None:
         if acc.is_main_process:
@@ -340,7 +362,9 @@ def train(
         with (out / "log.jsonl").open("w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in log)
         _plot(log, out / "loss.png", cfg.name)
-    return TrainResult(step, losses, dict(eval_losses), time.perf_counter() - t0, last_ckpt)
+    evals = {r["step"]: {"loss" if k == "eval_loss" else k.removeprefix("eval_"): v
+                         for k, v in r.items() if k.startswith("eval_")} for r in log if "eval_loss" in r}
+    return TrainResult(step, losses, dict(eval_losses), time.perf_counter() - t0, last_ckpt, evals)
 
 
 def _train_step(model, loss_fn, optimizer, data, collate, batches, cfg, acc, replay=None) -> dict[str, float]:  # noqa: ANN001

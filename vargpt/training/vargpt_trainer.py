@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vargpt.data.collate import IGNORE_INDEX
-from vargpt.data.datasets import VARGPTDataset, collate_vargpt, collate_vargpt_groups
+from vargpt.data.datasets import EncoderCache, VARGPTDataset, collate_vargpt_groups
 from vargpt.data.records import load_records
 from vargpt.pretrained import load_pretrained, save_pretrained
 from vargpt.training.loop import train
@@ -65,32 +65,53 @@ def stage_loss_fn(text_weight: float, image_weight: float, align_weight: float =
 
 @torch.no_grad()
 def heldout_metrics(model, dataset: VARGPTDataset, *, batch_size: int = 32,  # noqa: ANN001
-                    shuffle_prompts: bool = False, seed: int = 0) -> dict[str, float]:
+                    shuffle_prompts: bool = False, seed: int = 0,
+                    weights: tuple[float, float, float] | None = None) -> dict[str, float]:
     """Mean text CE, image CE and image-code accuracy (teacher forced) over ``dataset``.
 
-    With ``shuffle_prompts`` the target images of each batch are permuted among its generation slots,
-    so every image is scored under another sample's prompt: the gap between this image CE and the
-    true one measures how much the model uses the prompt (0 = not at all).
+    Means are over tokens (text CE over assistant tokens, image CE and accuracy over generated image
+    codes), batches collated as in training (understanding and generation samples padded apart).
+    With ``weights`` = (text, image, alignment) loss weights the result also has ``loss``, the stage's
+    objective on the held-out data (``align_loss``, a mean over generated images, when its weight is
+    not 0). With ``shuffle_prompts`` the target images of each batch are permuted among its generation
+    slots, so every image is scored under another sample's prompt: the gap between this image CE and
+    the true one measures how much the model uses the prompt (0 = not at all).
     """
     was_training = model.training
     model.eval()
-    sums = {"text_loss": 0.0, "image_loss": 0.0, "image_code_accuracy": 0.0}
-    n_text = n_img = 0
+    device = next(model.parameters()).device
+    align_w = weights[2] if weights is not None else 0.0
+    sums = {"text_loss": 0.0, "image_loss": 0.0, "image_code_accuracy": 0.0, "align_loss": 0.0}
+    n_text = n_img = n_gen = 0
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(dataset), batch_size):
-        batch = collate_vargpt([dataset[j] for j in range(i, min(len(dataset), i + batch_size))],
-                               dataset.token_ids.pad)
-        if shuffle_prompts and batch.gen_codes is not None:
-            perm = torch.randperm(batch.gen_codes[0].shape[0], generator=gen)
-            batch.gen_codes = [c[perm] for c in batch.gen_codes]
-        out = model(batch)
-        sums["text_loss"] += float(out.text_loss) * out.text_tokens
-        sums["image_loss"] += float(out.image_loss) * out.image_tokens
-        sums["image_code_accuracy"] += float(out.image_accuracy) * out.image_tokens
-        n_text, n_img = n_text + out.text_tokens, n_img + out.image_tokens
+        groups = collate_vargpt_groups([dataset[j] for j in range(i, min(len(dataset), i + batch_size))],
+                                       dataset.token_ids.pad)
+        for batch in groups:
+            if shuffle_prompts and batch.gen_codes is not None:
+                perm = torch.randperm(batch.gen_codes[0].shape[0], generator=gen)
+                batch.gen_codes = [c[perm] for c in batch.gen_codes]
+                if batch.gen_labels is not None:
+                    batch.gen_labels = batch.gen_labels[perm]
+            out = model(batch.to(device), align_weight=align_w)
+            sums["text_loss"] += float(out.text_loss) * out.text_tokens
+            sums["image_loss"] += float(out.image_loss) * out.image_tokens
+            sums["image_code_accuracy"] += float(out.image_accuracy) * out.image_tokens
+            n_text, n_img = n_text + out.text_tokens, n_img + out.image_tokens
+            if batch.gen_codes is not None:
+                k = batch.gen_codes[0].shape[0]
+                sums["align_loss"] += float(out.align_loss) * k
+                n_gen += k
     model.train(was_training)
-    return {"text_loss": sums["text_loss"] / max(1, n_text), "image_loss": sums["image_loss"] / max(1, n_img),
-            "image_code_accuracy": sums["image_code_accuracy"] / max(1, n_img)}
+    result = {"text_loss": sums["text_loss"] / max(1, n_text), "image_loss": sums["image_loss"] / max(1, n_img),
+              "image_code_accuracy": sums["image_code_accuracy"] / max(1, n_img)}
+    if weights is not None:
+        text_w, image_w, _ = weights
+        result["loss"] = text_w * result["text_loss"] + image_w * result["image_loss"]
+        if align_w:
+            result["align_loss"] = sums["align_loss"] / max(1, n_gen)
+            result["loss"] += align_w * result["align_loss"]
+    return result
 
 
 def train_stage(
@@ -107,6 +128,7 @@ def train_stage(
     seed: int = 0,
     max_eval: int = 256,
     progress: bool = True,
+    encoder_cache: EncoderCache | None = None,
 ) -> dict[str, Any]:
     """Train ``stage`` ("stage1" | "stage2" | "stage3") of :func:`vargpt.training.stages.vargpt_stages`.
 
@@ -125,6 +147,8 @@ def train_stage(
         seed: data order and dropout seed.
         max_eval: held-out records used for the held-out loss.
         progress: progress bars.
+        encoder_cache: reuse the vision features and VQ codes of images that an earlier stage of this
+            process encoded with the same frozen encoders (e.g. one cache for stages 1-3 of a run).
 
     Returns:
         Metrics: train seconds, held-out loss before/after, image-code accuracy, trainable parameters.
@@ -147,12 +171,16 @@ def train_stage(
     if not train_recs:
         raise ValueError(f"{stage}: the dataset has no records for this stage ({spec.description})")
     logger.info("%s: %d train / %d held-out records", stage, len(train_recs), len(test_recs))
-    train_ds = VARGPTDataset(train_recs, tokenizer, model, progress=progress)
-    eval_ds = VARGPTDataset(test_recs, tokenizer, model, progress=progress) if test_recs else None
-    loss_fn = stage_loss_fn(cfg.text_loss_weight, cfg.image_loss_weight, cfg.cond_align_weight)
+    train_ds = VARGPTDataset(train_recs, tokenizer, model, progress=progress, cache=encoder_cache)
+    eval_ds = (VARGPTDataset(test_recs, tokenizer, model, progress=progress, cache=encoder_cache)
+               if test_recs else None)
+    weights = (cfg.text_loss_weight, cfg.image_loss_weight, cfg.cond_align_weight)
+    loss_fn = stage_loss_fn(*weights)
+    # The held-out evaluation is heldout_metrics itself, so its last one is the stage's final metrics.
     result = train(model, loss_fn=loss_fn, train_data=train_ds,
                    collate=partial(collate_vargpt_groups, pad_id=model.token_ids.pad), cfg=cfg, out_dir=out / "train",
-                   eval_data=eval_ds, save_config=model.cfg.to_dict(), resume=resume, progress=progress)
+                   eval_data=eval_ds, save_config=model.cfg.to_dict(), resume=resume, progress=progress,
+                   eval_fn=partial(heldout_metrics, batch_size=cfg.batch_size, weights=weights))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.requires_grad_(True)
     model.vae_local.requires_grad_(False)
@@ -160,9 +188,11 @@ def train_stage(
     metrics = {"stage": stage, **result.to_dict(), "trainable": list(cfg.trainable),
                "trainable_parameters": n_trainable, "train_records": len(train_recs)}
     if eval_ds is not None:
-        metrics["heldout"] = heldout_metrics(model, eval_ds)
+        final = result.eval_metrics.get(result.steps)
+        metrics["heldout"] = ({k: v for k, v in final.items() if k != "loss"} if final is not None
+                              else heldout_metrics(model, eval_ds, batch_size=cfg.batch_size))
         if sum(len(r.generated_images) for r in test_recs) > 1:
-            shuffled = heldout_metrics(model, eval_ds, shuffle_prompts=True, seed=seed)
+            shuffled = heldout_metrics(model, eval_ds, batch_size=cfg.batch_size, shuffle_prompts=True, seed=seed)
             metrics["heldout"]["image_loss_shuffled_prompts"] = shuffled["image_loss"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

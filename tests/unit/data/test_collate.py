@@ -41,3 +41,22 @@ def test_padding_and_length_limit(hf_tokenizer):
     with pytest.raises(SequenceTooLongError, match="exceed the context of 3"):
         encode_record(_rec(("user", "hi there"), ("assistant", "red")), hf_tokenizer, ids, image_tokens=1,
                       gen_tokens=1, max_length=3)
+
+
+def test_memo_tokenizes_each_piece_once_with_the_same_ids(hf_tokenizer):
+    ids = SpecialTokenIds.from_tokenizer(hf_tokenizer)
+    recs = [_rec(("user", "what colour is the square?"), ("assistant", a)) for a in ("red", "blue", "red")]
+    calls = []
+
+    class Counting:
+        def encode(self, text, add_special_tokens=False):
+            calls.append(text)
+            return hf_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    memo: dict[str, list[int]] = {}
+    with_memo = [encode_record(r, Counting(), ids, image_tokens=1, gen_tokens=1, system_prompt="sys", memo=memo)
+                 for r in recs]
+    n_memo, calls[:] = len(calls), []
+    plain = [encode_record(r, Counting(), ids, image_tokens=1, gen_tokens=1, system_prompt="sys") for r in recs]
+    assert with_memo == plain
+    assert n_memo == len(set(calls)) < len(calls)  # each distinct piece once, instead of once per record

@@ -62,6 +62,36 @@ def test_to_json_is_the_inverse_of_parsing(root):
         load_records(root, "train")[2].to_json(root / "other")  # images are not under that folder
 
 
+def test_shared_images_are_resolved_once_per_load(root, monkeypatch):
+    """Many records name the same image; resolving costs a system call per path component."""
+    import pathlib
+
+    _write(root, [GOOD[0]] * 50 + [GOOD[2]] * 50)
+    calls = []
+    real = pathlib.Path.resolve
+    monkeypatch.setattr(pathlib.Path, "resolve", lambda self, *a, **k: calls.append(self) or real(self, *a, **k))
+    recs = load_records(root, "train")
+    assert len(recs) == 100 and recs[-1].generated_images == [root / "img/b.png"]
+    assert len(calls) <= 4  # the root (twice), img/a.png, img/b.png
+
+
+def test_rereading_a_split_reuses_the_parse_until_the_file_changes(root, monkeypatch):
+    import vargpt.data.records as records
+
+    _write(root, GOOD)
+    first = load_records(root, "train")
+    parsed = []
+    real = records.parse_record
+    monkeypatch.setattr(records, "parse_record", lambda *a, **k: parsed.append(1) or real(*a, **k))
+    again = load_records(root, "train")
+    assert again == first and again is not first and not parsed  # a new list, no parsing
+    again.pop()
+    assert len(load_records(root, "train")) == 3  # callers may change their list
+    _write(root, GOOD[:2])  # same path, new content
+    assert len(load_records(root, "train")) == 2 and len(parsed) == 2
+    assert len(load_records(root, "train", check_images=False)) == 2 and len(parsed) == 4  # another key
+
+
 @pytest.mark.parametrize(
     "record, message",
     [

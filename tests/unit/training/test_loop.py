@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 
 import pytest
@@ -53,6 +54,33 @@ def test_loss_falls_and_artifacts_are_written(tmp_path):
     assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert sum(1 for _ in open(tmp_path / "log.jsonl")) == 30 + 4
+
+
+def test_custom_eval_fn_is_logged_and_returned_and_survives_resume(tmp_path):
+    """eval_fn replaces the default held-out loss: its extra values are logged and returned per step
+    (from the log, so an interrupted run's earlier evaluations are kept), in eval mode, without grad."""
+    seen = []
+
+    def eval_fn(model, data):
+        seen.append((model.training, torch.is_grad_enabled()))
+        x, y = _collate(list(data))
+        err = model(x) - y
+        return {"loss": float(torch.mean(err ** 2)), "mae": float(err.abs().mean())}
+
+    kw = dict(loss_fn=_loss, train_data=_data(), collate=_collate, cfg=CFG, eval_data=_data(32, seed=1),
+              progress=False, eval_fn=eval_fn)
+    full = train(_fresh(), out_dir=tmp_path / "a", **kw)
+    assert sorted(full.eval_metrics) == [0, 10, 20, 30] and set(full.eval_metrics[30]) == {"loss", "mae"}
+    assert full.eval_metrics[30]["loss"] == full.eval_losses[30] < 0.5 * full.eval_losses[0]
+    assert seen and all(s == (False, False) for s in seen)
+    train(_fresh(), out_dir=tmp_path / "b", stop_after_steps=15, **kw)
+    resumed = train(_fresh(), out_dir=tmp_path / "b", resume=True, **kw)
+    assert sorted(resumed.eval_metrics) == [0, 10, 15, 20, 30]  # a resumed run evaluates where it restarts
+    assert resumed.eval_metrics[10] == full.eval_metrics[10]
+    logged = [r for r in map(json.loads, open(tmp_path / "a" / "log.jsonl")) if "eval_loss" in r]
+    assert [r["eval_mae"] for r in logged] == [full.eval_metrics[s]["mae"] for s in (0, 10, 20, 30)]
+    with pytest.raises(ValueError, match="must return a 'loss'"):
+        train(_fresh(), out_dir=tmp_path / "c", **{**kw, "eval_fn": lambda m, d: {"mae": 0.0}})
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
