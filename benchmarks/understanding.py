@@ -102,6 +102,8 @@ def main() -> None:
                    help="LLMConfig.image_attention for the LLaVA steps (default: the preset's)")
     p.add_argument("--replay-fraction", type=float, default=None,
                    help="TrainConfig.replay_fraction of instruction tuning (default: the recipe's)")
+    p.add_argument("--vision-replay-fraction", type=float, default=None,
+                   help="TrainConfig.replay_fraction of the vision tower's pretraining (default: the recipe's, 0)")
     p.add_argument("--eval-only", action="store_true", help="evaluate OUT/llava without training")
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed comparison")
     args = p.parse_args()
@@ -112,6 +114,7 @@ def main() -> None:
     from vargpt.data.shapesworld.generate import write_dataset
     from vargpt.evaluation.understanding import evaluate_vqa, qa_items
     from vargpt.training.base_models import load_llava, train_base_models
+    from vargpt.training.base_vision import VISION_TRAIN
 
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data"
@@ -120,6 +123,8 @@ def main() -> None:
     result: dict = {}
     if not args.eval_only:
         tower = {"tower_overrides": {"patch_size": args.patch_size}} if args.patch_size else {}
+        if args.vision_replay_fraction is not None:
+            tower["replay_fraction"] = args.vision_replay_fraction
         align = {"image_attention": args.image_attention} if args.image_attention else {}
         instruct = {"replay_fraction": args.replay_fraction} if args.replay_fraction is not None else {}
         steps = train_base_models(data, out, resume=False, progress=False,
@@ -139,6 +144,8 @@ def main() -> None:
         "eval_seconds": round(time.perf_counter() - t0, 2), "examples": main_eval["examples"],
         "image_tokens": model.num_image_tokens, "image_attention": model.image_attention,
         "instruct_replay_fraction": result.get("steps", {}).get("instruct", {}).get("replay_fraction"),
+        "vision_replay_fraction": (args.vision_replay_fraction if args.vision_replay_fraction is not None
+                                   else VISION_TRAIN.replay_fraction),
         "threads": torch.get_num_threads(),
     })
     if not args.no_speed:
