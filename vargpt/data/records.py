@@ -250,7 +250,8 @@ def load_records(data_dir: str | Path, split: str = "train", *, check_images: bo
     The last few files read are remembered in this process (keyed by path and a digest of the content):
     the steps of a pipeline run read the same split several times (each VARGPT stage reads it twice),
     and a re-read returns a new list of the same records (frozen; treat their ``meta`` as read-only)
-    without parsing the file again. Splits of more than 200,000 records are not remembered.
+    without parsing the file again (image files are checked when the split is first read). Splits of more
+    than 200,000 records are not remembered.
     """
     root = Path(data_dir)
     files = [f for f in (root / f"{split}.jsonl", root / f"{split}.json") if f.is_file()]
