@@ -173,6 +173,11 @@ def test_encoder_cache_reuses_only_what_the_same_encoders_computed(setup, hf_tok
     misses = cache.misses
     VARGPTDataset(und[:1], tok, model, progress=False, cache=cache)
     assert cache.misses == misses + 1
+    # A file deleted since its split was read is a named error, not a raw OSError.
+    from vargpt.data.records import DatasetError
+
+    with pytest.raises(DatasetError, match="image file not found"):
+        cache.get("vision:x", [path.with_name("gone.png")], lambda ps: {})
 
 
 def test_heldout_metrics_are_token_means_whatever_the_batching(setup):
@@ -214,6 +219,18 @@ def test_a_stage_reports_the_heldout_metrics_of_the_model_it_saved(setup, tmp_pa
     model, tok = load_pretrained(tmp_path / "s2")
     test = vargpt_stages("tiny")["stage2"].select(load_records(setup / "data", "test"), 0)
     test = random.Random(0).sample(test, min(8, len(test)))
+    # Resuming a finished stage whose checkpoint log predates eval_fn (losses only) recomputes the metrics.
+    from vargpt.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = tmp_path / "s2" / "train" / "checkpoint"
+    state, config, trainer = load_checkpoint(ckpt)
+    trainer["log"] = [{k: v for k, v in r.items() if not k.startswith("eval_") or k == "eval_loss"}
+                      for r in trainer["log"]]
+    save_checkpoint(ckpt, model_state=state, config=config, trainer_state=trainer)
+    resumed = train_stage("stage2", from_dir=setup / "stage0", data_dir=setup / "data", out_dir=tmp_path / "s2",
+                          max_steps=2, max_eval=8, progress=False, resume=True)
+    for k, v in m["heldout"].items():
+        assert resumed["heldout"][k] == pytest.approx(v, rel=1e-5), k
     cfg = vargpt_stages("tiny")["stage2"].train
     again = heldout_metrics(model, VARGPTDataset(test, tok, model, progress=False),
                             weights=(cfg.text_loss_weight, cfg.image_loss_weight, cfg.cond_align_weight))

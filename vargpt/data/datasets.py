@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vargpt.data.collate import EncodedSample, encode_record, pad_samples
-from vargpt.data.records import Record, image_to_tensor, load_image
+from vargpt.data.records import DatasetError, Record, image_to_tensor, load_image
 from vargpt.special_tokens import SpecialTokenIds
 from vargpt.understanding.vision_tower import ImageProcessor
 
@@ -76,7 +76,10 @@ class EncoderCache:
         """
         keys = {}
         for p in paths:
-            st = os.stat(p)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError as e:  # the split was read (and its files checked) earlier in the process
+                raise DatasetError(f"image file not found: {p}") from e
             keys[p] = (encoder, str(p), st.st_size, st.st_mtime_ns)
         missing = [p for p in paths if keys[p] not in self._store]
         if missing:

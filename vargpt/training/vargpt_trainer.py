@@ -188,9 +188,11 @@ def train_stage(
     metrics = {"stage": stage, **result.to_dict(), "trainable": list(cfg.trainable),
                "trainable_parameters": n_trainable, "train_records": len(train_recs)}
     if eval_ds is not None:
-        final = result.eval_metrics.get(result.steps)
-        metrics["heldout"] = ({k: v for k, v in final.items() if k != "loss"} if final is not None
-                              else heldout_metrics(model, eval_ds, batch_size=cfg.batch_size))
+        heldout = {k: v for k, v in result.eval_metrics.get(result.steps, {}).items() if k != "loss"}
+        if "image_loss" not in heldout:  # a run resumed from a checkpoint whose log holds only losses
+            heldout = heldout_metrics(model, eval_ds, batch_size=cfg.batch_size, weights=weights)
+            heldout.pop("loss")
+        metrics["heldout"] = heldout
         if sum(len(r.generated_images) for r in test_recs) > 1:
             shuffled = heldout_metrics(model, eval_ds, batch_size=cfg.batch_size, shuffle_prompts=True, seed=seed)
             metrics["heldout"]["image_loss_shuffled_prompts"] = shuffled["image_loss"]
