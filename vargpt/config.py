@@ -148,9 +148,11 @@ class VisualDecoderConfig:
     """Class-conditional classes; the class table has one more (unconditional) row."""
     cond_drop_rate: float = 0.1
     """Probability of replacing the class with the unconditional row in training (CFG)."""
-    loss_weighting: Literal["token", "scale"] = "token"
-    """Code cross-entropy averaged over tokens (VAR) or with equal weight per scale
-    (:mod:`vargpt.visual_decoder.loss`)."""
+    loss_weighting: Literal["token", "scale", "power"] = "token"
+    """Code cross-entropy averaged over tokens (VAR), with equal weight per scale, or with scale k's
+    total weight proportional to (pn_k^2) ** ``loss_power`` (:mod:`vargpt.visual_decoder.loss`)."""
+    loss_power: float = 1.0
+    """Exponent of ``loss_weighting="power"`` (0 = per scale, 1 = per token, > 1 favours fine scales)."""
     attn_l2_norm: bool = True
     """Cosine attention with a learnable clamped per-head scale (SPEC 2.5)."""
     norm_eps: float = 1e-6
@@ -190,8 +192,10 @@ class VisualDecoderConfig:
         if self.mlp_ratio <= 0:
             _fail(self, "mlp_ratio", self.mlp_ratio, "must be > 0")
         _unit_interval(self, "drop_path_rate", "cond_drop_rate")
-        if self.loss_weighting not in ("token", "scale"):
-            _fail(self, "loss_weighting", self.loss_weighting, "must be 'token' or 'scale'")
+        if self.loss_weighting not in ("token", "scale", "power"):
+            _fail(self, "loss_weighting", self.loss_weighting, "must be 'token', 'scale' or 'power'")
+        if not 0.0 <= self.loss_power <= 4.0:
+            _fail(self, "loss_power", self.loss_power, "must be in [0, 4]")
         if len(self.class_names) > self.num_classes:
             _fail(self, "class_names", f"<{len(self.class_names)} names>",
                   f"more names than num_classes={self.num_classes}")
@@ -699,7 +703,7 @@ def _tiny() -> VARGPTConfig:
         ),
         visual_decoder=VisualDecoderConfig(
             depth=4, width=128, num_heads=4, drop_path_rate=0.0, num_classes=64,
-            init_adaln_gamma=1e-3, loss_weighting="scale", rope_2d=True,
+            init_adaln_gamma=1e-3, loss_weighting="power", loss_power=2.0, rope_2d=True,
             class_embed="words",
         ),
         vision_tower=VisionTowerConfig(

@@ -61,7 +61,13 @@ MIXED = [
 ]
 
 
-def test_mixed_batch_forward_shapes_and_losses(model, hf_tokenizer):
+@pytest.mark.parametrize("weighting", ["token", "scale", "power"])
+def test_mixed_batch_forward_shapes_and_losses(model, hf_tokenizer, weighting):
+    if weighting != model.cfg.visual_decoder.loss_weighting:
+        cfg = _cfg()
+        cfg = dataclasses.replace(cfg, visual_decoder=dataclasses.replace(cfg.visual_decoder, loss_weighting=weighting))
+        torch.manual_seed(0)
+        model = _randomise_out_projector(VARGPT.from_config(cfg, SpecialTokenIds.from_tokenizer(hf_tokenizer)).eval())
     batch, _ = _batch(model, hf_tokenizer, MIXED, n_in=2, n_gen=3)
     out = model(batch)
     L, K = model.cfg.vqvae.tokens_total, model.cfg.vqvae.vocab_size
@@ -71,11 +77,16 @@ def test_mixed_batch_forward_shapes_and_losses(model, hf_tokenizer):
     gt = torch.cat(batch.gen_codes, 1)
     ce_NL = torch.nn.functional.cross_entropy(out.image_logits_NLK.flatten(0, 1), gt.flatten(),
                                               reduction="none").view(gt.shape)
-    # image CE over all L codes of every image, each scale weighing the same (tiny: loss_weighting="scale")
-    assert model.cfg.visual_decoder.loss_weighting == "scale"
+    # image CE over all L codes of every image: a token mean (VAR), every scale weighing the same, or
+    # (tiny: power 2) scale k weighing (pn_k^2)^2
     counts = torch.tensor([pn * pn for pn in model.vargpt_gen.patch_nums])
     per_scale = torch.stack([chunk.mean() for chunk in ce_NL.split(counts.tolist(), dim=1)])
-    assert torch.allclose(out.image_loss, per_scale.mean(), atol=1e-6)
+    assert model.cfg.visual_decoder.loss_weighting == weighting
+    power = model.cfg.visual_decoder.loss_power
+    share = counts.double().pow(power) / counts.double().pow(power).sum()
+    expected = {"token": ce_NL.mean(), "scale": per_scale.mean(),
+                "power": (per_scale.double() * share).sum().float()}[weighting]
+    assert torch.allclose(out.image_loss, expected, atol=1e-6)
     assert torch.allclose(out.loss, out.text_loss + out.image_loss)
     with pytest.raises(GenerationSlotError):
         model(dataclasses.replace(batch, gen_codes=[c[:2] for c in batch.gen_codes]))

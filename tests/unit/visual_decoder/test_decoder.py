@@ -144,6 +144,22 @@ def test_scale_loss_weighting_gives_every_scale_the_same_weight():
         token_weights(patch_nums, "pixel")
 
 
+def test_power_loss_weighting_puts_count_to_the_power_on_each_scale():
+    from vargpt.config import ConfigError, VisualDecoderConfig
+    from vargpt.visual_decoder.loss import token_weights
+
+    patch_nums = (1, 2, 3)  # 1, 4, 9 tokens
+    assert torch.allclose(token_weights(patch_nums, "power", 1.0), token_weights(patch_nums, "token"))
+    assert torch.allclose(token_weights(patch_nums, "power", 0.0), token_weights(patch_nums, "scale"))
+    w = token_weights(patch_nums, "power", 1.5)
+    totals = torch.stack([w[:1].sum(), w[1:5].sum(), w[5:].sum()])
+    expected = torch.tensor([1.0, 4.0 ** 1.5, 9.0 ** 1.5])
+    assert torch.allclose(totals, expected / expected.sum(), atol=1e-6)
+    assert torch.allclose(w[5:], w[5].expand(9))  # even within a scale
+    with pytest.raises(ConfigError, match="loss_power"):
+        VisualDecoderConfig(depth=1, width=8, num_heads=2, num_classes=2, loss_weighting="power", loss_power=-1.0)
+
+
 def test_sincos_positions_are_local_across_scales():
     from vargpt.config import ConfigError, VisualDecoderConfig
     from vargpt.tokenizer.scales import scale_offsets
