@@ -146,19 +146,16 @@ class VARGPTDataset(torch.utils.data.Dataset):
             encode_gen = lambda ps: _batched(ps, model.vae_local.encode,  # noqa: E731
                                              lambda p: image_to_tensor(load_image(p, size)),
                                              batch_size, "VQ codes", progress)
-            if cache is None:
-                feats, codes = encode_in(inputs), encode_gen(targets)
-            else:
-                if inputs:
-                    fp = weights_fingerprint(tower, {"cfg": cfg.vision_tower, "processor": _processor_key(processor)})
-                    feats = cache.get(f"vision:{fp}", inputs, encode_in)
-                else:
-                    feats = {}
-                if targets:
-                    fp = weights_fingerprint(model.vae_local, {"cfg": cfg.vqvae})
-                    codes = cache.get(f"vq:{fp}", targets, encode_gen)
-                else:
-                    codes = {}
+
+            def through_cache(kind: str, encoder: torch.nn.Module, settings: dict, paths: list[Path],
+                              encode: Callable[[Sequence[Path]], dict[Path, object]]) -> dict[Path, object]:
+                if cache is None or not paths:  # nothing to share (or nothing to fingerprint for)
+                    return encode(paths)
+                return cache.get(f"{kind}:{weights_fingerprint(encoder, settings)}", paths, encode)
+
+            feats = through_cache("vision", tower, {"cfg": cfg.vision_tower, "processor": _processor_key(processor)},
+                                  inputs, encode_in)
+            codes = through_cache("vq", model.vae_local, {"cfg": cfg.vqvae}, targets, encode_gen)
         # A record's class labels its generated images when it is one of the decoder's classes.
         class_index = {name: i for i, name in enumerate(cfg.visual_decoder.class_names)}
         for rec, e in zip(records, enc, strict=True):
