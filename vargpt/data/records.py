@@ -258,13 +258,13 @@ def load_records(data_dir: str | Path, split: str = "train", *, check_images: bo
     if not files:
         return list(iter_records(data_dir, split, check_images=check_images))  # raises the named error
     key = (str(root.resolve()), files[0].name, hashlib.sha1(files[0].read_bytes()).hexdigest(), check_images)
-    if (hit := _RECENT_LOADS.get(key)) is None:
+    if (hit := _RECENT_LOADS.pop(key, None)) is None:
         hit = tuple(iter_records(data_dir, split, check_images=check_images))
         if len(hit) > _RECENT_LOADS_MAX_RECORDS:
             return list(hit)
-        _RECENT_LOADS[key] = hit
-        while len(_RECENT_LOADS) > _RECENT_LOADS_MAX:
-            _RECENT_LOADS.pop(next(iter(_RECENT_LOADS)))
+    _RECENT_LOADS[key] = hit  # (re)inserted last: the least recently read split is evicted first
+    while len(_RECENT_LOADS) > _RECENT_LOADS_MAX:
+        _RECENT_LOADS.pop(next(iter(_RECENT_LOADS)))
     return list(hit)
 
 

@@ -92,6 +92,30 @@ def test_rereading_a_split_reuses_the_parse_until_the_file_changes(root, monkeyp
     assert len(load_records(root, "train", check_images=False)) == 2 and len(parsed) == 4  # another key
 
 
+def test_the_least_recently_read_split_is_forgotten_first(root, monkeypatch):
+    import shutil
+
+    import vargpt.data.records as records
+
+    monkeypatch.setattr(records, "_RECENT_LOADS", {})
+    roots = []
+    for i in range(records._RECENT_LOADS_MAX + 1):
+        shutil.copytree(root / "img", (r := root / f"d{i}") / "img")
+        _write(r, GOOD)
+        roots.append(r)
+    for r in roots[:-1]:
+        load_records(r, "train")
+    load_records(roots[0], "train")  # read again: now the most recent
+    load_records(roots[-1], "train")  # one over the limit: evicts d1, the least recently read
+    parsed = []
+    real = records.parse_record
+    monkeypatch.setattr(records, "parse_record", lambda *a, **k: parsed.append(1) or real(*a, **k))
+    load_records(roots[0], "train")
+    assert not parsed
+    load_records(roots[1], "train")
+    assert len(parsed) == len(GOOD)
+
+
 @pytest.mark.parametrize(
     "record, message",
     [
