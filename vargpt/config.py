@@ -538,6 +538,12 @@ class TrainConfig:
     Needs a loss function that returns per-sample losses (:class:`vargpt.training.loop.ReplaySampler`)."""
     replay_power: float = 1.0
     """Exponent on the last loss in the replay draw (0 = uniform over seen samples)."""
+    prefix_pack: int = 0
+    """Shared-prefix packing (the base LLaVA steps; 0 = off): up to this many conversations about the same
+    images, whose tokens agree up to the first question, become one sequence holding that prefix (system
+    prompt, image slots) once and each conversation's rest as a branch that attends only to the prefix and
+    itself (:func:`vargpt.training.base_llava.pack_shared_prefixes`). Loss and gradients equal those of the
+    conversations fed apart, at fewer tokens; ``batch_size`` then counts packed sequences."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.replay_fraction < 1.0:
@@ -552,6 +558,8 @@ class TrainConfig:
         if self.schedule not in ("cosine", "linear", "constant"):
             _fail(self, "schedule", self.schedule, "must be cosine, linear or constant")
         _positive(self, "batch_size", "grad_accum", "max_steps")
+        if self.prefix_pack < 0:
+            _fail(self, "prefix_pack", self.prefix_pack, "must be >= 0 (0 = off)")
         for name in ("epochs", "grad_clip", "text_loss_weight", "image_loss_weight", "cond_align_weight"):
             if getattr(self, name) < 0:
                 _fail(self, name, getattr(self, name), "must be >= 0")

@@ -63,6 +63,7 @@ __all__ = [
     "hf_config_from_llm_config",
     "positions_from_padding",
     "separate_image_tokens",
+    "shared_prefix_allowed",
 ]
 
 
@@ -195,6 +196,22 @@ def causal_allowed(padding_mask_BT: torch.Tensor, block_BT: torch.Tensor | None 
     else:
         order_BTT = block_BT[:, None, :] <= block_BT[:, :, None]
     return (order_BTT & padding_mask_BT.bool()[:, None, :]) | eye_TT
+
+
+def shared_prefix_allowed(segments_BT: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B, T, T)`` "may attend" mask of sequences that hold a shared prefix and several branches.
+
+    ``segments_BT`` (long): 0 on the prefix, ``1, 2, ...`` on the branches (in order), -1 on padding.
+    Query q sees key k when ``k <= q``, k is not padding, and k is on the prefix or on q's own branch, so
+    every branch is computed exactly as if it followed the prefix alone (its RoPE positions must then
+    continue the prefix's: :func:`vargpt.training.base_llava.pack_shared_prefixes` stores them). Every token
+    sees itself, so a padding row is never empty.
+    """
+    T = segments_BT.shape[1]
+    eye_TT = torch.eye(T, dtype=torch.bool, device=segments_BT.device)
+    q_BT1, k_B1T = segments_BT[:, :, None], segments_BT[:, None, :]
+    same_branch = (k_B1T == 0) | (k_B1T == q_BT1)
+    return (torch.ones_like(eye_TT).tril()[None] & same_branch & (k_B1T >= 0)) | eye_TT
 
 
 def positions_from_padding(padding_mask_BK: torch.Tensor, num_new: int | None = None) -> torch.Tensor:

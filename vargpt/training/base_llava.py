@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from vargpt.config import ProjectorConfig, TrainConfig, VARGPTConfig, VisionTowerConfig
-from vargpt.data.collate import encode_record, pad_samples
+from vargpt.data.collate import IGNORE_INDEX, encode_record, pad_samples
 from vargpt.data.records import DatasetError, Record, load_image
 from vargpt.llm.backbone import LLMBackbone
 from vargpt.special_tokens import SpecialTokenIds
@@ -39,8 +39,8 @@ from vargpt.training.base_text import (
     load_llm,
     load_split,
     load_text_tokenizer,
-    next_token_losses,
     run_metrics,
+    supervised_next_token_losses,
 )
 from vargpt.training.base_vision import load_vision_tower
 from vargpt.training.checkpoint import load_checkpoint
@@ -57,9 +57,12 @@ ALIGN_TRAIN = TrainConfig(name="base-align", trainable=("projector.*",), lr=3e-3
 ``"vision_tower.*"`` to ``trainable`` trains the tower too (on pixels, through the frozen LLM); on the tiny
 preset that measured worse (held-out colour accuracy 0.80 -> 0.34 at lr 2e-3, shape unchanged)."""
 INSTRUCT_TRAIN = TrainConfig(name="base-instruct", trainable=("projector.*", "llm.*"), lr=2e-3,
-                             weight_decay=0.0, warmup_ratio=0.05, min_lr_ratio=0.05, batch_size=32,
-                             max_steps=300, grad_clip=1.0)
-"""Default recipe of :func:`train_instruct` (LLaVA-1.5 stage 2: projector + LLM)."""
+                             weight_decay=0.0, warmup_ratio=0.05, min_lr_ratio=0.05, batch_size=8,
+                             max_steps=500, grad_clip=1.0, prefix_pack=8)
+"""Default recipe of :func:`train_instruct` (LLaVA-1.5 stage 2: projector + LLM): batches of 8 shared-prefix
+packs (``prefix_pack=8``: all questions about one image in one sequence, about 48 conversations a step).
+On the tiny preset that is 500 steps in the time 300 unpacked steps of 32 took, and more learning: held-out
+colour+shape 0.676 / 0.643 -> 0.784 / 0.729 (seeds 0 / 1; 800 packed steps 0.773 / 0.750)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,14 +80,89 @@ class UnderstandingSample:
 
 
 @dataclass(frozen=True)
+class PrefixPack:
+    """Several :class:`UnderstandingSample` that share a token prefix, as one sequence: the prefix once,
+    then each sample's remaining tokens (a branch). ``segments``: 0 on the prefix, ``b`` on branch b;
+    ``positions``: each branch's RoPE positions continue the prefix's, as in its own sequence."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_rows: list[int]
+    segments: list[int]
+    positions: list[int]
+    num_samples: int
+
+
+def _shared_prefix_length(group: Sequence[UnderstandingSample], image_token_id: int) -> int:
+    """Tokens the samples of ``group`` (same images) can share: their common prefix, cut so that it holds
+    no supervised token and every branch starts with an unsupervised one (a branch's first token would
+    otherwise be predicted from another branch's last); 0 when that prefix does not hold every image slot
+    or would leave a sample without a branch."""
+    n = min(len(s.input_ids) for s in group)
+    first = group[0].input_ids
+    for i in range(n):
+        if any(s.input_ids[i] != first[i] for s in group) or any(s.labels[i] != IGNORE_INDEX for s in group):
+            n = i
+            break
+    while n > 0 and any(n >= len(s.input_ids) or s.labels[n] != IGNORE_INDEX for s in group):
+        n -= 1
+    slots = sum(t == image_token_id for t in group[0].input_ids)
+    if n == 0 or sum(t == image_token_id for t in first[:n]) != slots:
+        return 0
+    return n
+
+
+def pack_shared_prefixes(samples: Sequence[UnderstandingSample], max_branches: int,
+                         image_token_id: int) -> list[PrefixPack]:
+    """Pack samples about the same images (equal ``image_rows``) into :class:`PrefixPack` sequences of at
+    most ``max_branches`` branches, in order of first appearance; a sample with no partner, or whose group
+    shares no prefix holding all image slots, becomes a pack of one (its plain sequence).
+
+    LLaVA-1.5 merges the questions about one image into one multi-turn conversation, which lets later
+    answers read earlier questions and answers; here each branch sees only the shared prefix and itself,
+    so the loss (a mean over supervised tokens) and its gradients equal those of the samples apart, while
+    the image slots and the text before the question are computed once per pack.
+    """
+    if max_branches < 1:
+        raise ValueError(f"max_branches must be >= 1, got {max_branches}")
+    groups: dict[tuple[int, ...], list[UnderstandingSample]] = {}
+    for s in samples:
+        groups.setdefault(tuple(s.image_rows), []).append(s)
+    packs = []
+    for rows, group in groups.items():
+        for i in range(0, len(group), max_branches):
+            chunk = group[i:i + max_branches]
+            n = _shared_prefix_length(chunk, image_token_id) if rows and len(chunk) > 1 else 0
+            if n == 0:
+                packs.extend(PrefixPack(s.input_ids, s.labels, s.image_rows, [0] * len(s.input_ids),
+                                        list(range(len(s.input_ids))), 1) for s in chunk)
+                continue
+            ids, labels = list(chunk[0].input_ids[:n]), list(chunk[0].labels[:n])
+            segments, positions = [0] * n, list(range(n))
+            for b, s in enumerate(chunk, start=1):
+                rest = len(s.input_ids) - n
+                ids += s.input_ids[n:]
+                labels += s.labels[n:]
+                segments += [b] * rest
+                positions += range(n, n + rest)
+            packs.append(PrefixPack(ids, labels, list(rows), segments, positions, len(chunk)))
+    return packs
+
+
+@dataclass(frozen=True)
 class UnderstandingData:
     """Samples over a shared image table: frozen vision-tower features ``(N, P, F)``, or preprocessed
     pixels ``(N, 3, H, W)`` when the tower trains (``pixels=True``)."""
 
-    samples: list[UnderstandingSample]
+    samples: list[UnderstandingSample] | list[PrefixPack]
     feats_NPF: torch.Tensor
     pad_id: int
     pixels: bool = False
+
+    @property
+    def num_conversations(self) -> int:
+        """Conversations held (a :class:`PrefixPack` holds several)."""
+        return sum(getattr(s, "num_samples", 1) for s in self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -96,12 +174,27 @@ class UnderstandingData:
         """Same feature table, other samples."""
         return dataclasses.replace(self, samples=samples)
 
-    def collate(self, batch: Sequence[UnderstandingSample]) -> dict[str, torch.Tensor]:
-        """Right-padded ids/labels/mask and the features of the batch's images in order."""
+    def collate(self, batch: Sequence[UnderstandingSample] | Sequence[PrefixPack]) -> dict[str, torch.Tensor]:
+        """Right-padded ids/labels/mask and the features of the batch's images in order; for packs also
+        ``segments`` (-1 on padding) and ``positions``."""
         padded = pad_samples(batch, self.pad_id)  # duck-typed: needs .input_ids and .labels
         rows = torch.tensor([r for s in batch for r in s.image_rows], dtype=torch.long)
-        return {"ids": padded.input_ids, "labels": padded.labels, "mask": padded.attention_mask,
-                ("pixels" if self.pixels else "feats"): self.feats_NPF[rows]}
+        out = {"ids": padded.input_ids, "labels": padded.labels, "mask": padded.attention_mask,
+               ("pixels" if self.pixels else "feats"): self.feats_NPF[rows]}
+        if batch and isinstance(batch[0], PrefixPack):
+            segments = torch.full_like(padded.input_ids, -1)
+            positions = torch.zeros_like(padded.input_ids)
+            for i, s in enumerate(batch):
+                segments[i, :len(s.segments)] = torch.tensor(s.segments)
+                positions[i, :len(s.positions)] = torch.tensor(s.positions)
+            out |= {"segments": segments, "positions": positions}
+        return out
+
+    def packed(self, max_branches: int, image_token_id: int) -> UnderstandingData:
+        """The same conversations as :class:`PrefixPack` sequences (:func:`pack_shared_prefixes`)."""
+        if self.samples and isinstance(self.samples[0], PrefixPack):
+            raise ValueError("the data is packed already")
+        return self.subset(pack_shared_prefixes(self.samples, max_branches, image_token_id))
 
 
 def understanding_records(records: Sequence[Record]) -> list[Record]:
@@ -157,9 +250,12 @@ def build_understanding_data(
 
 
 def _loss(model: Llava, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mask, positions = batch["mask"], None
+    if "segments" in batch:  # shared-prefix packs
+        mask, positions = model.shared_prefix_mask(batch["ids"], batch["segments"]), batch["positions"]
     out = model(batch["ids"], image_feats_NPF=batch.get("feats"), pixels_N3HW=batch.get("pixels"),
-                attention_mask=batch["mask"])
-    loss, per_sample = next_token_losses(out.logits_BTV, batch["labels"])
+                attention_mask=mask, position_ids=positions, compute_logits=False)
+    loss, per_sample = supervised_next_token_losses(out.hidden_BTD, batch["labels"], model.llm.logits)
     return {"loss": loss, SAMPLE_LOSSES: per_sample.detach()}  # per-sample losses: hard-example replay
 
 
@@ -243,6 +339,8 @@ def _run(model: Llava, tokenizer: Any, processor: ImageProcessor, vt_cfg: Vision
             processor, system_prompt=cfg.chat.system_prompt,
             max_length=model.llm.model.config.max_position_embeddings, pixels=tower_trains)
     train_data, eval_data = data
+    if tcfg.prefix_pack:
+        train_data = train_data.packed(tcfg.prefix_pack, model.image_token_id)
     result = train(model, loss_fn=_loss, train_data=train_data, collate=train_data.collate, cfg=tcfg,
                    out_dir=out_dir, eval_data=eval_data, save_config=llava_config(model, vt_cfg, preset),
                    resume=resume, progress=progress)
@@ -250,8 +348,8 @@ def _run(model: Llava, tokenizer: Any, processor: ImageProcessor, vt_cfg: Vision
     if tokenizer_dir.resolve() != dst.resolve():
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(tokenizer_dir, dst)
-    return run_metrics(result, t0, n_train=len(train_data), unit="conversations") | {
-        "replay_fraction": tcfg.replay_fraction}
+    return run_metrics(result, t0, n_train=train_data.num_conversations, unit="conversations") | {
+        "replay_fraction": tcfg.replay_fraction, "prefix_pack": tcfg.prefix_pack, "train_sequences": len(train_data)}
 
 
 def llava_config(model: Llava, vt_cfg: VisionTowerConfig, preset: str) -> dict[str, Any]:

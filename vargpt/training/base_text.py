@@ -22,7 +22,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -200,15 +200,22 @@ def next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_in
                            ignore_index=ignore_index)
 
 
-def next_token_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
-                      ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, per_sample)`` from one cross-entropy pass: the mean over all labelled next tokens of the
-    batch (as :func:`next_token_loss`), and ``(B,)`` each sample's mean over its own (0 where it has none)."""
-    labels = labels_BT[:, 1:]
-    ce_BT = F.cross_entropy(logits_BTV[:, :-1].transpose(1, 2).float(), labels, ignore_index=ignore_index,
-                            reduction="none")
-    n_B = (labels != ignore_index).sum(1)
-    return ce_BT.sum() / n_B.sum().clamp_min(1), ce_BT.sum(1) / n_B.clamp_min(1)
+def supervised_next_token_losses(
+    hidden_BTD: torch.Tensor, labels_BT: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, per_sample)`` next-token cross-entropy from final hidden states: the mean over all labelled
+    next tokens of the batch (as :func:`next_token_loss` on the logits) and ``(B,)`` each sample's mean over
+    its own (0 where it has none). The LM ``head`` is applied only where a next token is supervised (in
+    understanding conversations about a tenth of the tokens), so the vocabulary projection and softmax of
+    the others are never computed."""
+    labels_BT = labels_BT[:, 1:]
+    sel_BT = labels_BT != ignore_index
+    ce_N = F.cross_entropy(head(hidden_BTD[:, :-1][sel_BT]).float(), labels_BT[sel_BT], reduction="none")
+    n_B = sel_BT.sum(1)
+    rows_N = torch.arange(labels_BT.shape[0], device=labels_BT.device)[:, None].expand_as(sel_BT)[sel_BT]
+    per_sample_B = torch.zeros(labels_BT.shape[0], dtype=ce_N.dtype, device=ce_N.device).index_add(0, rows_N, ce_N)
+    return ce_N.sum() / n_B.sum().clamp_min(1), per_sample_B / n_B.clamp_min(1)
 
 
 def _lm_loss(model: LLMBackbone, ids_BT: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from vargpt.llm.backbone import (
     causal_allowed,
     positions_from_padding,
     separate_image_tokens,
+    shared_prefix_allowed,
 )
 from vargpt.llm.merge import merge_image_features
 from vargpt.understanding.projector import UnderstandingProjector
@@ -118,6 +119,15 @@ class Llava(nn.Module):
             position_ids = positions_from_padding(padding_BT)
         allowed_BTT = separate_image_tokens(causal_allowed(padding_BT), is_image_BT)
         return additive_mask(allowed_BTT, self.llm.dtype), position_ids
+
+    def shared_prefix_mask(self, ids_BT: torch.Tensor, segments_BT: torch.Tensor) -> torch.Tensor:
+        """The additive 4D mask of sequences packed as a shared prefix and branches
+        (:func:`~vargpt.llm.backbone.shared_prefix_allowed`; segments -1 = padding), with image slots kept
+        apart as well under ``image_attention="separate"``."""
+        allowed_BTT = shared_prefix_allowed(segments_BT)
+        if self.image_attention == "separate":
+            allowed_BTT = separate_image_tokens(allowed_BTT, ids_BT == self.image_token_id)
+        return additive_mask(allowed_BTT, self.llm.dtype)
 
 
 def to_hf_llava_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

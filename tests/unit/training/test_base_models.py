@@ -81,15 +81,17 @@ def test_llm_step_resumes_from_its_checkpoint(tiny_data):
     assert again["loss_after"] == pytest.approx(first["loss_after"], abs=1e-6)
 
 
-def test_next_token_losses_mean_and_per_sample():
-    from vargpt.training.base_text import next_token_loss, next_token_losses
+def test_supervised_next_token_losses_mean_and_per_sample():
+    from vargpt.training.base_text import next_token_loss, supervised_next_token_losses
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 6, 11, generator=g)
     labels = torch.randint(0, 11, (3, 6), generator=g)
     labels[0, :4] = -100  # sample 0: two labelled next tokens
     labels[1, 1:] = -100  # sample 1: none
-    mean, per = next_token_losses(logits, labels)
+    head = torch.nn.Linear(11, 11)
+    hidden, logits = logits, head(logits)  # the head applied to every position: the reference logits
+    mean, per = supervised_next_token_losses(hidden, labels, head)
     assert torch.allclose(mean, next_token_loss(logits, labels))
     ce = torch.nn.functional.cross_entropy
     assert torch.allclose(per[0], ce(logits[0, 3:5], labels[0, 4:6]))
