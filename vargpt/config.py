@@ -153,6 +153,10 @@ class VisualDecoderConfig:
     total weight proportional to (pn_k^2) ** ``loss_power`` (:mod:`vargpt.visual_decoder.loss`)."""
     loss_power: float = 1.0
     """Exponent of ``loss_weighting="power"`` (0 = per scale, 1 = per token, > 1 favours fine scales)."""
+    loss_min_scale_share: float = 0.0
+    """Lower bound on every scale's share of the code cross-entropy after the weighting (shares then
+    renormalised; 0 = off, at most 0.1). Keeps ``loss_power`` > 1 from starving the first scales, where
+    colour and layout are sampled."""
     attn_l2_norm: bool = True
     """Cosine attention with a learnable clamped per-head scale (SPEC 2.5)."""
     norm_eps: float = 1e-6
@@ -196,6 +200,8 @@ class VisualDecoderConfig:
             _fail(self, "loss_weighting", self.loss_weighting, "must be 'token', 'scale' or 'power'")
         if not 0.0 <= self.loss_power <= 4.0:
             _fail(self, "loss_power", self.loss_power, "must be in [0, 4]")
+        if not 0.0 <= self.loss_min_scale_share <= 0.1:
+            _fail(self, "loss_min_scale_share", self.loss_min_scale_share, "must be in [0, 0.1]")
         if len(self.class_names) > self.num_classes:
             _fail(self, "class_names", f"<{len(self.class_names)} names>",
                   f"more names than num_classes={self.num_classes}")

@@ -65,7 +65,8 @@ MIXED = [
 def test_mixed_batch_forward_shapes_and_losses(model, hf_tokenizer, weighting):
     if weighting != model.cfg.visual_decoder.loss_weighting:
         cfg = _cfg()
-        cfg = dataclasses.replace(cfg, visual_decoder=dataclasses.replace(cfg.visual_decoder, loss_weighting=weighting))
+        cfg = dataclasses.replace(cfg, visual_decoder=dataclasses.replace(cfg.visual_decoder, loss_weighting=weighting,
+                                                                     loss_min_scale_share=0.0))
         torch.manual_seed(0)
         model = _randomise_out_projector(VARGPT.from_config(cfg, SpecialTokenIds.from_tokenizer(hf_tokenizer)).eval())
     batch, _ = _batch(model, hf_tokenizer, MIXED, n_in=2, n_gen=3)
@@ -78,12 +79,13 @@ def test_mixed_batch_forward_shapes_and_losses(model, hf_tokenizer, weighting):
     ce_NL = torch.nn.functional.cross_entropy(out.image_logits_NLK.flatten(0, 1), gt.flatten(),
                                               reduction="none").view(gt.shape)
     # image CE over all L codes of every image: a token mean (VAR), every scale weighing the same, or
-    # (tiny: power 2) scale k weighing (pn_k^2)^2
+    # (tiny: power 2) scale k weighing (pn_k^2)^2, each scale's share at least loss_min_scale_share (0 in tiny)
     counts = torch.tensor([pn * pn for pn in model.vargpt_gen.patch_nums])
     per_scale = torch.stack([chunk.mean() for chunk in ce_NL.split(counts.tolist(), dim=1)])
     assert model.cfg.visual_decoder.loss_weighting == weighting
-    power = model.cfg.visual_decoder.loss_power
-    share = counts.double().pow(power) / counts.double().pow(power).sum()
+    power, floor = model.cfg.visual_decoder.loss_power, model.cfg.visual_decoder.loss_min_scale_share
+    share = (counts.double().pow(power) / counts.double().pow(power).sum()).clamp_min(floor)
+    share = share / share.sum()
     expected = {"token": ce_NL.mean(), "scale": per_scale.mean(),
                 "power": (per_scale.double() * share).sum().float()}[weighting]
     assert torch.allclose(out.image_loss, expected, atol=1e-6)

@@ -9,7 +9,8 @@ Both use the dataset's understanding conversations (records with at least one in
 ``<image_gen>``), tokenized by :func:`vargpt.data.collate.encode_record` (each image expanded to P
 slots, loss on assistant tokens and ``</s>`` only). The vision tower is frozen in both steps, so its
 features are computed once per image (:func:`tower_features`) and the training forward starts at the
-projector.
+projector. With ``TrainConfig.prefix_pack`` (the tiny instruction tuning) the conversations about one image
+are packed into one sequence that holds their shared prefix once (:func:`pack_shared_prefixes`).
 
 Output directory of either step: ``checkpoint/`` (the whole :class:`~vargpt.understanding.llava.Llava`
 state, ``config.json`` with everything needed to rebuild it, trainer state), ``tokenizer/``, logs.

@@ -118,7 +118,8 @@ class VisualDecoder(nn.Module):
         self.register_buffer("lvl_1L", scale_ids(self.patch_nums).view(1, L))
         self.register_buffer("attn_bias_for_masking", block_causal_bias(self.patch_nums).view(1, 1, L, L))
         # Per-token weights of the code cross-entropy (cfg.loss_weighting); derived, so not saved.
-        weights_L = token_weights(self.patch_nums, cfg.loss_weighting, cfg.loss_power)
+        weights_L = token_weights(self.patch_nums, cfg.loss_weighting, cfg.loss_power,
+                                  cfg.loss_min_scale_share)
         self.register_buffer("loss_weights_L", weights_L, persistent=False)
         if cfg.rope_2d:  # derived from patch_nums, so not saved
             cos_Lc, sin_Lc = rope_2d_angles(self.patch_nums, cfg.head_dim)

@@ -160,6 +160,23 @@ def test_power_loss_weighting_puts_count_to_the_power_on_each_scale():
         VisualDecoderConfig(depth=1, width=8, num_heads=2, num_classes=2, loss_weighting="power", loss_power=-1.0)
 
 
+def test_min_scale_share_lifts_the_first_scales():
+    from vargpt.config import ConfigError, VisualDecoderConfig
+    from vargpt.visual_decoder.loss import token_weights
+
+    patch_nums = (1, 2, 3)  # power 2: shares 1 : 16 : 81
+    w = token_weights(patch_nums, "power", 2.0, min_share=0.1)
+    totals = torch.stack([w[:1].sum(), w[1:5].sum(), w[5:].sum()])
+    lifted = torch.tensor([0.1, 16 / 98, 81 / 98])  # 1/98 raised to 0.1, then all renormalised
+    assert torch.allclose(totals, lifted / lifted.sum(), atol=1e-6)
+    assert torch.allclose(w[1:5], w[1].expand(4)) and torch.allclose(w.sum(), torch.tensor(1.0))
+    assert torch.equal(token_weights(patch_nums, "power", 2.0, min_share=0.0), token_weights(patch_nums, "power", 2.0))
+    with pytest.raises(ValueError, match="min_share"):
+        token_weights(patch_nums, "token", min_share=0.5)
+    with pytest.raises(ConfigError, match="loss_min_scale_share"):
+        VisualDecoderConfig(depth=1, width=8, num_heads=2, num_classes=2, loss_min_scale_share=0.2)
+
+
 def test_sincos_positions_are_local_across_scales():
     from vargpt.config import ConfigError, VisualDecoderConfig
     from vargpt.tokenizer.scales import scale_offsets
