@@ -207,11 +207,9 @@ def shared_prefix_allowed(segments_BT: torch.Tensor) -> torch.Tensor:
     continue the prefix's: :func:`vargpt.training.base_llava.pack_shared_prefixes` stores them). Every token
     sees itself, so a padding row is never empty.
     """
-    T = segments_BT.shape[1]
-    eye_TT = torch.eye(T, dtype=torch.bool, device=segments_BT.device)
     q_BT1, k_B1T = segments_BT[:, :, None], segments_BT[:, None, :]
-    same_branch = (k_B1T == 0) | (k_B1T == q_BT1)
-    return (torch.ones_like(eye_TT).tril()[None] & same_branch & (k_B1T >= 0)) | eye_TT
+    same_branch = (k_B1T == 0) | (k_B1T == q_BT1)  # holds on the diagonal, so every token keeps itself
+    return causal_allowed(segments_BT >= 0) & same_branch
 
 
 def positions_from_padding(padding_mask_BK: torch.Tensor, num_new: int | None = None) -> torch.Tensor:

@@ -107,7 +107,7 @@ def _shared_prefix_length(group: Sequence[UnderstandingSample], image_token_id: 
             break
     while n > 0 and any(n >= len(s.input_ids) or s.labels[n] != IGNORE_INDEX for s in group):
         n -= 1
-    slots = sum(t == image_token_id for t in group[0].input_ids)
+    slots = sum(t == image_token_id for t in first)
     if n == 0 or sum(t == image_token_id for t in first[:n]) != slots:
         return 0
     return n
