@@ -1,7 +1,9 @@
 """Training of the multi-scale VQ-VAE tokenizer from scratch on any dataset folder.
 
 Loss = image reconstruction (pixel MSE on [-1, 1], optionally + L1; no perceptual/GAN term, since no
-pretrained feature network is available offline) + the quantizer loss of SPEC 1.10. Against codebook collapse the
+pretrained feature network is available offline) + the quantizer loss of SPEC 1.10. The pixel terms can be
+weighted by the target's local contrast (:func:`contrast_weights`), so that edges and thin strokes, a small
+share of the pixels, get a larger share of the loss. Against codebook collapse the
 codebook is initialised from encoder residuals of the first batch and codes left unused for
 ``restart_every`` steps are restarted on random residuals (:meth:`MultiScaleQuantizer.restart_codes_`).
 
@@ -55,6 +57,8 @@ class TokenizerRecipe:
     """Weight of the pixel L1 (off: on ShapesWorld L2 alone learns faster, measured)."""
     vq_weight: float = 1.0
     """Weight of the quantizer loss (SPEC 1.10)."""
+    edge_weight: float = 0.0
+    """Strength of the contrast weighting of the pixel terms (:func:`contrast_weights`; 0 = plain means)."""
     data_init: bool = True
     """Initialise the codebook from encoder residuals of the first batch."""
     restart_every: int = 25
@@ -64,6 +68,11 @@ class TokenizerRecipe:
     eval_images: int = 1024
     """Held-out images used for the final PSNR / usage numbers (0 = all)."""
 
+    def __post_init__(self) -> None:
+        for name in ("l2_weight", "l1_weight", "vq_weight", "edge_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 0")
+
 
 RECIPES: dict[str, TokenizerRecipe] = {
     # Measured on ShapesWorld 32 px, 2 CPU threads: see benchmarks/tokenizer.py.
@@ -71,6 +80,9 @@ RECIPES: dict[str, TokenizerRecipe] = {
         train=TrainConfig(name="tokenizer-tiny", lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99),
                           warmup_ratio=0.02, schedule="cosine", min_lr_ratio=0.05, batch_size=16,
                           max_steps=1600, grad_clip=1.0, save_every=400),
+        # Contrast-weighted pixel loss: small stars and crosses keep their arms (oracle colour+shape on
+        # 1842 held-out reconstructions 0.893 -> 0.948 / 0.926, seeds 0 / 1; strength 8: 0.940, 16: 0.923).
+        edge_weight=4.0,
     ),
     # Released-size tokenizer (SPEC 1.1); only meaningful on a GPU and with a large image corpus.
     "vargpt-v1-7b": TokenizerRecipe(
@@ -112,6 +124,26 @@ def psnr(recon_B3HW: torch.Tensor, target_B3HW: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2) -> (B,)."""
     mse_B = (recon_B3HW.clamp(-1, 1) - target_B3HW).square().flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse_B.clamp_min(1e-10))
+
+
+def contrast_weights(x_B3HW: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W) that grow with the local contrast of the target image.
+
+    Contrast ``c`` of a pixel = the largest absolute difference between it and any of its 8 neighbours,
+    over channels (images in [-1, 1], so ``c`` in [0, 2]; borders replicate). The weight is
+    ``1 + strength * c / 2``, rescaled to mean 1 over each image, so the loss keeps its scale while flat
+    regions (most of a simple image) give part of their share to edges and thin strokes. ``strength`` 0
+    gives all ones.
+    """
+    if strength == 0:
+        return x_B3HW.new_ones(x_B3HW.shape[0], 1, *x_B3HW.shape[2:])
+    padded = F.pad(x_B3HW, (1, 1, 1, 1), mode="replicate")
+    # The 3x3 window includes the pixel itself, so max - x and x - min are both >= 0.
+    above = F.max_pool2d(padded, 3, stride=1) - x_B3HW
+    below = x_B3HW + F.max_pool2d(-padded, 3, stride=1)
+    contrast_B1HW = torch.maximum(above, below).amax(1, keepdim=True)
+    w_B1HW = 1 + strength * contrast_B1HW / 2
+    return w_B1HW / w_B1HW.mean((2, 3), keepdim=True)
 
 
 def load_image_tensor(paths: list[Path], size: int) -> torch.Tensor:
@@ -177,16 +209,18 @@ class _State:
 
 def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe) -> tuple[torch.Tensor, dict]:
     recon_B3HW, hits_SV, vq_loss = model(x_B3HW)
-    l2 = F.mse_loss(recon_B3HW, x_B3HW)
-    l1 = F.l1_loss(recon_B3HW, x_B3HW)
-    loss = recipe.l2_weight * l2 + recipe.l1_weight * l1 + recipe.vq_weight * vq_loss
+    err_B3HW = recon_B3HW - x_B3HW
+    w_B1HW = contrast_weights(x_B3HW, recipe.edge_weight)
+    # Per image: the (weighted) pixel terms; their batch mean is the loss, each one the replay score.
+    pixel_B = (recipe.l2_weight * (err_B3HW.square() * w_B1HW).mean((1, 2, 3))
+               + recipe.l1_weight * (err_B3HW.abs() * w_B1HW).mean((1, 2, 3)))
+    loss = pixel_B.mean() + recipe.vq_weight * vq_loss
     out: dict[str, Any] = {"hits_SV": hits_SV}
     with torch.no_grad():
         out["psnr"] = float(psnr(recon_B3HW.detach(), x_B3HW).mean())
-        if recipe.train.replay_fraction > 0:  # each image's own reconstruction loss: the replay score
-            err_B3HW = recon_B3HW.detach() - x_B3HW
-            out["per_image"] = (recipe.l2_weight * err_B3HW.pow(2).mean((1, 2, 3))
-                                + recipe.l1_weight * err_B3HW.abs().mean((1, 2, 3)))
+        if recipe.train.replay_fraction > 0:
+            out["per_image"] = pixel_B.detach()
+        l2, l1 = err_B3HW.detach().square().mean(), err_B3HW.detach().abs().mean()  # unweighted, for the logs
     terms = {"loss": loss, "l2": l2, "l1": l1, "vq": vq_loss}
     return loss, {k: float(v.detach()) for k, v in terms.items()} | out
 

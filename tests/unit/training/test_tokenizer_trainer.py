@@ -8,9 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
+from vargpt.config import TrainConfig, VARGPTConfig
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE
 from vargpt.training.checkpoint import load_checkpoint
-from vargpt.training.tokenizer_trainer import batch_indices, psnr, train_tokenizer
+from vargpt.training.tokenizer_trainer import (
+    TokenizerRecipe,
+    _loss,
+    batch_indices,
+    contrast_weights,
+    psnr,
+    train_tokenizer,
+)
 
 
 @pytest.fixture
@@ -45,6 +53,42 @@ def test_batch_indices_cover_each_epoch_once():
 def test_psnr_values():
     x = torch.zeros(2, 3, 4, 4)
     assert torch.allclose(psnr(x + 0.2, x), torch.full((2,), 10 * torch.log10(torch.tensor(4 / 0.04))))
+
+
+def test_contrast_weights_follow_edges():
+    x = torch.full((2, 3, 8, 8), -1.0)
+    x[0, 1, 2:5, 3:6] = 1.0  # a green box on black; image 1 stays flat
+    w = contrast_weights(x, 4.0)
+    assert w.shape == (2, 1, 8, 8)
+    assert torch.allclose(w.mean((2, 3)), torch.ones(2, 1))
+    assert torch.equal(w[1], torch.ones(1, 8, 8))  # no contrast: plain mean
+    # Contrast 2 on both sides of the box's outline, 0 elsewhere: two weight levels in ratio 1 + 4.
+    edge = torch.zeros(8, 8, dtype=torch.bool)
+    edge[1:6, 2:7] = True
+    edge[3, 4] = False  # the box's centre: all neighbours equal it
+    hi, lo = w[0, 0][edge], w[0, 0][~edge]
+    assert torch.allclose(hi, hi[0].expand_as(hi)) and torch.allclose(lo, lo[0].expand_as(lo))
+    assert torch.allclose(hi[0] / lo[0], torch.tensor(5.0))
+    assert torch.equal(contrast_weights(x, 0.0), torch.ones(2, 1, 8, 8))
+
+
+def test_edge_weight_weights_the_pixel_loss():
+    torch.manual_seed(0)
+    model = MultiScaleVQVAE(VARGPTConfig.from_name("tiny").vqvae)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    train = TrainConfig(name="t", max_steps=1, replay_fraction=0.5)
+    plain, weighted = TokenizerRecipe(train=train), TokenizerRecipe(train=train, edge_weight=3.0)
+    loss0, out0 = _loss(model, x, plain)
+    loss1, out1 = _loss(model, x, weighted)
+    recon, _, vq = model(x)
+    w = contrast_weights(x, 3.0)
+    per_image = ((recon - x).square() * w).mean((1, 2, 3))
+    assert torch.allclose(loss1, per_image.mean() + vq, atol=1e-6)
+    assert torch.allclose(out1["per_image"], per_image, atol=1e-6)  # the replay score is weighted too
+    assert torch.allclose(loss0, (recon - x).square().mean() + vq, atol=1e-6)
+    assert out0["l2"] == pytest.approx(out1["l2"])  # the logged l2 stays the plain MSE
+    with pytest.raises(ValueError, match="edge_weight"):
+        TokenizerRecipe(train=train, edge_weight=-1.0)
 
 
 def test_short_run_learns_and_saves(folder, tmp_path):
