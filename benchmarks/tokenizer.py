@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--replay-fraction", type=float, default=None,
                     help="hard-example replay share of each batch (default: the recipe's)")
+    ap.add_argument("--edge-weight", type=float, default=None,
+                    help="strength of the contrast-weighted pixel loss (default: the recipe's)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="evaluate this checkpoint (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +83,8 @@ def main() -> None:
         out = args.out or Path(tmp) / "tokenizer"
         metrics = train_tokenizer(data_dir=data, out_dir=out, preset="tiny", max_steps=args.steps,
                                   batch_size=args.batch_size, seed=args.seed, progress=args.progress,
-                                  time_budget_s=args.time_budget, replay_fraction=args.replay_fraction)
+                                  time_budget_s=args.time_budget, replay_fraction=args.replay_fraction,
+                                  edge_weight=args.edge_weight)
         model = MultiScaleVQVAE.from_pretrained(out)
         result = {
             "psnr": metrics["psnr"],
@@ -96,6 +99,7 @@ def main() -> None:
             "train_loss": metrics["train_loss"],
             "codes_restarted": metrics["codes_restarted"],
             "replay_fraction": args.replay_fraction,
+            "edge_weight": metrics["edge_weight"],
             "vqvae": {k: v for k, v in vars(model.cfg).items()},
             "data_seconds": round(gen_seconds + metrics["load_seconds"], 2),
         }

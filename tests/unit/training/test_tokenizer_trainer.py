@@ -12,6 +12,7 @@ from vargpt.config import TrainConfig, VARGPTConfig
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE
 from vargpt.training.checkpoint import load_checkpoint
 from vargpt.training.tokenizer_trainer import (
+    RECIPES,
     TokenizerRecipe,
     _loss,
     batch_indices,
@@ -91,11 +92,14 @@ def test_edge_weight_weights_the_pixel_loss():
         TokenizerRecipe(train=train, edge_weight=-1.0)
 
 
-def test_short_run_learns_and_saves(folder, tmp_path):
+@pytest.mark.parametrize("edge_weight", [None, 4.0])
+def test_short_run_learns_and_saves(folder, tmp_path, edge_weight):
     torch.set_num_threads(1)
     out = tmp_path / "tok"
-    m = train_tokenizer(data_dir=folder, out_dir=out, max_steps=40, batch_size=8, progress=False)
+    m = train_tokenizer(data_dir=folder, out_dir=out, max_steps=40, batch_size=8, progress=False,
+                        edge_weight=edge_weight)
     assert m["steps"] == 40 and m["eval_split"] == "test" and m["eval_images"] == 6
+    assert m["edge_weight"] == (RECIPES["tiny"].edge_weight if edge_weight is None else edge_weight)
     assert m["train_loss"]["loss"] < 0.7 * m["initial_loss"]
     assert 0 < m["codebook_usage"]["overall"] <= 1 and len(m["codebook_usage"]["per_scale"]) == 6
     model = MultiScaleVQVAE.from_pretrained(out)
