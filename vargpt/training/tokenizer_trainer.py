@@ -210,19 +210,22 @@ class _State:
 def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe) -> tuple[torch.Tensor, dict]:
     recon_B3HW, hits_SV, vq_loss = model(x_B3HW)
     l2w, l1w = recipe.l2_weight, recipe.l1_weight
-    err_B3HW = recon_B3HW - x_B3HW
-    w_B1HW = contrast_weights(x_B3HW, recipe.edge_weight)
-    # Per image: the (weighted) pixel terms, the replay score; their batch mean is the pixel loss.
-    pixel_B = l2w * (err_B3HW.square() * w_B1HW).mean((1, 2, 3)) + l1w * (err_B3HW.abs() * w_B1HW).mean((1, 2, 3))
+
+    def per_image(err_B3HW: torch.Tensor) -> torch.Tensor:
+        """Each image's (contrast-weighted) pixel terms: their batch mean is the weighted pixel loss."""
+        w_B1HW = contrast_weights(x_B3HW, recipe.edge_weight)
+        return l2w * (err_B3HW.square() * w_B1HW).mean((1, 2, 3)) + l1w * (err_B3HW.abs() * w_B1HW).mean((1, 2, 3))
+
     l2, l1 = F.mse_loss(recon_B3HW, x_B3HW), F.l1_loss(recon_B3HW, x_B3HW)  # unweighted: logged either way
+    pixel_B = per_image(recon_B3HW - x_B3HW) if recipe.edge_weight > 0 else None
     # Unweighted, the loss is the plain means themselves (the same floating-point sums as before the weighting).
-    pixel = pixel_B.mean() if recipe.edge_weight > 0 else l2w * l2 + l1w * l1
+    pixel = pixel_B.mean() if pixel_B is not None else l2w * l2 + l1w * l1
     loss = pixel + recipe.vq_weight * vq_loss
     out: dict[str, Any] = {"hits_SV": hits_SV}
     with torch.no_grad():
         out["psnr"] = float(psnr(recon_B3HW.detach(), x_B3HW).mean())
-        if recipe.train.replay_fraction > 0:
-            out["per_image"] = pixel_B.detach()
+        if recipe.train.replay_fraction > 0:  # the replay score: each image's own pixel loss
+            out["per_image"] = pixel_B.detach() if pixel_B is not None else per_image(recon_B3HW.detach() - x_B3HW)
     terms = {"loss": loss, "l2": l2, "l1": l1, "vq": vq_loss}
     return loss, {k: float(v.detach()) for k, v in terms.items()} | out
 
