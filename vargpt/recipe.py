@@ -63,7 +63,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "decoder": {"max_steps": 3, "batch_size": 8},
     "stage": {"max_steps": 3, "batch_size": 4, "max_eval": 8},
     "feature_net": {"steps": 3, "batch_size": 8},
-    "eval": {"max_understanding": 8, "max_generation": 2, "batch_size": 8},
+    "eval": {"max_understanding": 8, "max_generation": 2, "max_replies": 2, "batch_size": 8},
 }
 """Smoke-mode overrides per step (keyword arguments of the step's trainer; "stage" is stage1-3)."""
 
@@ -348,6 +348,7 @@ def _collect_metrics(steps: dict[str, Any], *, preset: str, seed: int, total: fl
     return {
         "understanding_accuracy": ev.get("understanding_accuracy"),
         "generation_accuracy": ev.get("generation_accuracy"),
+        "generation_reply_accuracy": ev.get("generation_reply_accuracy"),
         "tokenizer_oracle_accuracy": ev.get("tokenizer_oracle_accuracy", tok.get("oracle_accuracy")),
         "tokenizer_psnr": tok.get("psnr"),
         "fid": ev.get("fid"),

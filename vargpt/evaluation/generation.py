@@ -21,6 +21,7 @@ compare runs at the same sample count and feature network (``fid_reference`` in
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,8 @@ __all__ = [
     "Generator",
     "compute_fid",
     "evaluate_generation",
+    "evaluate_replies",
+    "reply_names",
     "expected_attributes",
     "fid_from_features",
     "fid_from_stats",
@@ -65,9 +68,11 @@ class Generator(Protocol):
     """What :func:`evaluate_generation` needs (a ``Pipeline`` works)."""
 
     def generate_images(self, prompts: list[str], *, n_per_prompt: int = 1, sampling: Any = None,
-                        batch_size: int = 16, previews: bool = False) -> list[Any]:
+                        batch_size: int = 16, previews: bool = False, lead_in: bool = False) -> list[Any]:
         """``n_per_prompt`` results per prompt, prompt-major; each has ``.image`` (PIL) and
-        optionally ``.prompt``, ``.previews`` (list of PIL, one per scale, when asked) and ``.seed``."""
+        optionally ``.prompt``, ``.previews`` (list of PIL, one per scale, when asked) and ``.seed``.
+        ``lead_in=True``: the model writes its own reply text before the image (``.text``) instead of
+        being forced into the image (only :func:`evaluate_replies` asks for it)."""
         ...
 
 
@@ -193,6 +198,72 @@ def evaluate_generation(
         "per_task": {t: _rates(h) for t, h in sorted(by_task.items())} if judged_any else None,
         "samples": samples,
     }
+
+
+REPLY_KEYS: tuple[str, ...] = ("colour", "shape", "size", "position", "all")
+"""Attributes :func:`evaluate_replies` checks in the reply text (``all``: every one the reply names)."""
+
+
+def _vocabulary(world: World) -> dict[str, set[str]]:
+    return {"colour": set(world.colours), "shape": set(world.shapes), "size": set(world.sizes),
+            "position": set(world.positions)}
+
+
+def reply_names(text: str, expected: Mapping[str, str], world: World) -> dict[str, bool]:
+    """How ``text`` states each of ``expected``'s attributes that it names at all: True when the only word of
+    that attribute's vocabulary in it is the expected one ("a red circle" for red/circle), False when
+    another one is there ("a red cross": shape False; "red or blue": colour False). An attribute the text
+    does not name is left out (a reply may just say "Sure."). ``all``: every named attribute right
+    (absent when none is named)."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    vocab = _vocabulary(world)
+    named = {k: not (words & vocab[k]) - {v} for k, v in expected.items() if k in vocab and words & vocab[k]}
+    return {**named, "all": all(named.values())} if named else {}
+
+
+def evaluate_replies(
+    generator: Generator, records: Sequence[Record], world: World, *, sampling: Any = None,
+    max_prompts: int | None = 128, batch_size: int = 16,
+) -> dict[str, Any]:
+    """Does the model's own reply to a generation prompt say what it was asked to draw, or something else?
+
+    Each prompt is run as a chat would run it (``lead_in=True``: the model writes its reply text and
+    starts the image itself), and the text before the image is checked with :func:`reply_names` against
+    the attributes the prompt states. The image-accuracy evaluation forces the image right after the
+    prompt, so it never sees this text; a user does ("Here is a red diamond." for a red circle).
+    Replies need not restate the request (ShapesWorld's own replies are sometimes just "Sure."), so
+    accuracies are over the replies that name the attribute, and ``named`` says how many did.
+
+    Returns:
+        ``{"n", "accuracy": {key: rate}, "named": {key: share of replies naming it}, "seen", "unseen"
+        (accuracies over prompts whose colour x shape combination was / was not in training), "samples":
+        [{"prompt", "reply", "expected", "named", "combo_seen"}]}``; keys in :data:`REPLY_KEYS` (``all``:
+        every named attribute right); a key is absent when no reply names it.
+    """
+    items = [it for it in generation_items(records) if it.expected][:max_prompts]
+    results = generator.generate_images([it.prompt for it in items], sampling=sampling, batch_size=batch_size,
+                                        lead_in=True) if items else []
+    if len(results) != len(items):
+        raise RuntimeError(f"the generator returned {len(results)} replies for {len(items)} prompts")
+    overall: dict[str, list[bool]] = defaultdict(list)
+    by_combo: dict[bool, dict[str, list[bool]]] = {True: defaultdict(list), False: defaultdict(list)}
+    samples = []
+    for it, res in zip(items, results, strict=True):
+        text = str(getattr(res, "text", "") or "")
+        named = reply_names(text, it.expected, world)
+        for key, ok in named.items():
+            overall[key].append(ok)
+            if it.combo_seen is not None:
+                by_combo[it.combo_seen][key].append(ok)
+        samples.append({"prompt": it.prompt, "reply": text, "expected": it.expected, "named": named,
+                        "combo_seen": it.combo_seen})
+
+    def rates(hits: Mapping[str, list[bool]]) -> dict[str, float]:
+        return {k: round(sum(hits[k]) / len(hits[k]), 4) for k in REPLY_KEYS if hits.get(k)}
+
+    return {"n": len(items), "accuracy": rates(overall),
+            "named": {k: round(len(overall[k]) / len(items), 4) for k in REPLY_KEYS if overall.get(k)},
+            "seen": rates(by_combo[True]), "unseen": rates(by_combo[False]), "samples": samples}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -174,6 +174,7 @@ def _attribute_table(metrics: Mapping[str, Any]) -> str:
 def _headline(metrics: Mapping[str, Any]) -> str:
     cards = [("understanding accuracy", metrics.get("understanding_accuracy"), True),
              ("generation accuracy (colour+shape)", metrics.get("generation_accuracy"), True),
+             ("replies name what was asked", metrics.get("generation_reply_accuracy"), True),
              ("FID (project features)", metrics.get("fid"), False),
              ("FID real vs real (floor)", metrics.get("fid_reference"), False)]
     out = []
@@ -256,6 +257,21 @@ def _generation_section(samples: Sequence[Mapping[str, Any]], limit: int, previe
             f'<div class="gens">{cards}</div></section>')
 
 
+def _reply_section(samples: Sequence[Mapping[str, Any]], limit: int) -> str:
+    if not samples:
+        return ""
+    shown = list(samples[:limit])
+    n_ok = sum(bool((s.get("named") or {}).get("all")) for s in samples)
+    n_named = sum("all" in (s.get("named") or {}) for s in samples)
+    rows = "".join(
+        f"<tr><td>{html.escape(str(s.get('prompt', '')))}</td><td>{html.escape(str(s.get('reply', '')))}</td>"
+        f"<td>{_badges(s.get('expected'), s.get('named'))}</td></tr>" for s in shown)
+    return (f"<section><h2>Generation: the model's own replies</h2><p class='muted'>the text a chat shows before "
+            f"the image: {n_named} of {len(samples)} replies name some attribute of the request, {n_ok} of them "
+            f"only as asked (badges: red = a different one named); showing {len(shown)}.</p>"
+            f"<table><tr><th>prompt</th><th>reply</th><th>named</th></tr>{rows}</table></section>")
+
+
 def _curves_section(loss_curves: Sequence[str | Path]) -> str:
     imgs = []
     for p in loss_curves:
@@ -269,24 +285,25 @@ def _curves_section(loss_curves: Sequence[str | Path]) -> str:
 def write_report(
     out_path_html: str | Path, *, metrics: Mapping[str, Any],
     understanding_samples: Sequence[Mapping[str, Any]] = (), generation_samples: Sequence[Mapping[str, Any]] = (),
-    previews: bool = True, loss_curves: Sequence[str | Path] = (), title: str = "VARGPT evaluation",
-    max_understanding: int = 96, max_generation: int = 48,
+    reply_samples: Sequence[Mapping[str, Any]] = (), previews: bool = True, loss_curves: Sequence[str | Path] = (),
+    title: str = "VARGPT evaluation", max_understanding: int = 96, max_generation: int = 48, max_replies: int = 32,
 ) -> Path:
     """Write a self-contained HTML report (images embedded) and return its path.
 
     Args:
         out_path_html: the ``.html`` file to write (parent folders are created).
         metrics: any (nested) dict of numbers; ``understanding_accuracy``, ``generation_accuracy``,
-            ``fid`` and ``fid_reference`` become headline cards, ``generation_per_attribute`` /
-            ``generation_seen`` / ``generation_unseen`` an attribute table.
+            ``generation_reply_accuracy``, ``fid`` and ``fid_reference`` become headline cards,
+            ``generation_per_attribute`` / ``generation_seen`` / ``generation_unseen`` an attribute table.
         understanding_samples: ``{"image" (path or PIL), "question", "answer", "gold", "correct",
             "qtype"?, "task"?}`` (as returned by ``evaluate_understanding``).
         generation_samples: ``{"prompt", "image" (PIL), "previews" (PIL per scale), "expected",
             "judged", "reference"?, "combo_seen"?, "task"?, "seed"?}`` (``evaluate_generation``).
+        reply_samples: ``{"prompt", "reply", "expected", "named"}`` (``evaluate_replies``).
         previews: show the per-scale preview strip of each generated image.
         loss_curves: PNG files to embed (missing files are skipped).
         title: page title.
-        max_understanding / max_generation: how many samples to show.
+        max_understanding / max_generation / max_replies: how many samples to show.
     """
     out = Path(out_path_html)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +316,7 @@ def write_report(
         f"{_metrics_table(metrics)}</details></section>"
         f"{_understanding_section(understanding_samples, max_understanding)}"
         f"{_generation_section(generation_samples, max_generation, previews)}"
+        f"{_reply_section(reply_samples, max_replies)}"
         f"{_curves_section(loss_curves)}</main>"
     )
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -94,8 +94,8 @@ def _resolve_extractor(feature_net: Any) -> tuple[Any, str | None]:
 def evaluate_model(
     model_dir: str | Path | None, data_dir: str | Path, *, split: str = "test", out: str | Path | None = None,
     feature_net: str | Path | Any = None, max_understanding: int | None = 500, max_generation: int | None = 256,
-    n_per_prompt: int = 1, seed: int = 0, sampling: Any = None, batch_size: int = 16, report: bool = True,
-    loss_curves: Sequence[str | Path] = (), pipeline: Any = None,
+    max_replies: int | None = 128, n_per_prompt: int = 1, seed: int = 0, sampling: Any = None, batch_size: int = 16,
+    report: bool = True, loss_curves: Sequence[str | Path] = (), pipeline: Any = None,
 ) -> dict[str, Any]:
     """Understanding and generation metrics of a model on ``data_dir``'s ``split`` (see module docstring).
 
@@ -108,6 +108,8 @@ def evaluate_model(
             or any extractor ``images -> (N, D)``; None = no FID.
         max_understanding: evaluate at most this many questions (None = all).
         max_generation: generate for at most this many prompts (None = all).
+        max_replies: check the model's own reply text for at most this many generation prompts
+            (:func:`~vargpt.evaluation.generation.evaluate_replies`; ShapesWorld only; 0 = skip, None = all).
         n_per_prompt: images per generation prompt.
         seed: sampling seed (used when ``sampling`` is None) and FID subset seed.
         sampling: a ``SamplingConfig`` for image generation (default: the checkpoint's, with ``seed``).
@@ -121,6 +123,10 @@ def evaluate_model(
         "understanding_per_qtype", "understanding_per_task", "generation_accuracy" (oracle
         colour+shape; null without an oracle), "generation_per_attribute", "generation_seen",
         "generation_unseen", "generation_per_task", "generation_n_prompts", "generation_n_images",
+        "generation_reply_accuracy" (of the replies to generation prompts that name the asked-for colour,
+        shape, size or position, the share naming only the asked-for ones; null without an oracle),
+        "generation_reply_named" (share of replies naming any), "generation_reply_per_attribute",
+        "generation_reply_seen", "generation_reply_unseen", "generation_reply_n",
         "fid", "fid_reference", "fid_n_generated", "fid_n_real", "fid_note" (why ``fid`` is null),
         "fid_features", "tokenizer_oracle_accuracy" (and the other keys of
         :func:`vargpt.evaluation.tokenizer.tokenizer_oracle_scores`; ShapesWorld only, else null),
@@ -129,7 +135,7 @@ def evaluate_model(
     from vargpt.config import SamplingConfig
     from vargpt.data.records import load_records
     from vargpt.data.shapesworld import load_world
-    from vargpt.evaluation.generation import evaluate_generation
+    from vargpt.evaluation.generation import evaluate_generation, evaluate_replies
     from vargpt.evaluation.understanding import evaluate_understanding
 
     t0 = time.perf_counter()
@@ -148,6 +154,11 @@ def evaluate_model(
     gen = evaluate_generation(pipeline, records, world, n_per_prompt=n_per_prompt, sampling=sampling,
                               max_prompts=max_generation, batch_size=batch_size)
     t_gen = time.perf_counter()
+    replies: dict[str, Any] = {"n": 0, "accuracy": {}, "named": {}, "seen": {}, "unseen": {}, "samples": []}
+    if world is not None and max_replies != 0:
+        replies = evaluate_replies(pipeline, records, world, sampling=sampling, max_prompts=max_replies,
+                                   batch_size=batch_size)
+    t_rep = time.perf_counter()
     fid: dict[str, Any] = {"fid": None, "fid_reference": None, "fid_n_generated": None, "fid_n_real": None,
                            "fid_note": "no feature network given"}
     if extractor is not None:
@@ -170,9 +181,15 @@ def evaluate_model(
         "generation_per_attribute": gen["accuracy"], "generation_seen": gen["seen"],
         "generation_unseen": gen["unseen"], "generation_per_task": gen["per_task"],
         "generation_n_prompts": gen["n_prompts"], "generation_n_images": gen["n_images"],
+        "generation_reply_accuracy": replies["accuracy"].get("all"),
+        "generation_reply_per_attribute": replies["accuracy"] or None,
+        "generation_reply_named": replies["named"].get("all"),
+        "generation_reply_seen": replies["seen"] or None, "generation_reply_unseen": replies["unseen"] or None,
+        "generation_reply_n": replies["n"],
         **fid, "fid_features": feature_name if extractor is not None else None, **tok,
         "seconds": {"load": round(t_load - t0, 2), "understanding": round(t_und - t_load, 2),
-                    "generation": round(t_gen - t_und, 2), "fid": round(t_fid - t_gen, 2),
+                    "generation": round(t_gen - t_und, 2), "replies": round(t_rep - t_gen, 2),
+                    "fid": round(t_fid - t_rep, 2),
                     "tokenizer": round(t_tok - t_fid, 2)},
         "report": None,
     }
@@ -184,7 +201,8 @@ def evaluate_model(
 
             metrics["report"] = str(write_report(out.with_suffix(".html"), metrics=metrics,
                                                  understanding_samples=und["samples"],
-                                                 generation_samples=gen["samples"], loss_curves=loss_curves))
+                                                 generation_samples=gen["samples"],
+                                                 reply_samples=replies["samples"], loss_curves=loss_curves))
         out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     logger.info("evaluation of %s on %s/%s: understanding %s, generation %s, fid %s", model_dir, data_dir, split,
                 metrics["understanding_accuracy"], metrics["generation_accuracy"], metrics["fid"])
@@ -203,8 +221,8 @@ def _write_json(obj: Any) -> None:
 def _eval_command(a: argparse.Namespace) -> None:
     metrics = evaluate_model(a.model, a.data, split=a.split, out=a.out, feature_net=a.feature_net,
                              max_understanding=a.max_understanding, max_generation=a.max_generation,
-                             n_per_prompt=a.n_per_prompt, seed=a.seed, batch_size=a.batch_size,
-                             report=not a.no_report, loss_curves=a.loss_curves)
+                             max_replies=a.max_replies, n_per_prompt=a.n_per_prompt, seed=a.seed,
+                             batch_size=a.batch_size, report=not a.no_report, loss_curves=a.loss_curves)
     _write_json(metrics)
 
 
@@ -227,6 +245,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="feature-net directory for FID (`vargpt feature-net`); no FID without it")
     s.add_argument("--max-understanding", type=int, default=500, help="questions to evaluate")
     s.add_argument("--max-generation", type=int, default=256, help="generation prompts to evaluate")
+    s.add_argument("--max-replies", type=int, default=128,
+                   help="generation prompts whose reply text is checked (ShapesWorld; 0 = skip)")
     s.add_argument("--n-per-prompt", type=int, default=1, help="images per generation prompt")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)

@@ -35,8 +35,9 @@ def _key(image, question: str) -> tuple[bytes, str]:
 class StandInPipeline:
     """Answers and draws like a model would, from a lookup of the dataset (``mode`` picks right or wrong).
 
-    mode "right": gold answers and the dataset's own images; "wrong": "zzz" and blank images;
-    "colour_only": right answers only to colour questions.
+    mode "right": gold answers, the dataset's own images and, asked for a lead-in, the dataset's own reply
+    text; "wrong": "zzz", blank images and "Here it is."; "colour_only": right answers only to colour
+    questions.
     """
 
     def __init__(self, records, mode: str = "right") -> None:
@@ -47,6 +48,8 @@ class StandInPipeline:
             key = _key(load_image(it.image), it.question)
             self.gold[key], self.qtype[key] = it.gold, it.qtype
         self.refs = {it.prompt: it.reference for it in generation_items(records)}
+        self.replies = {it.prompt: [m.content for m in it.record.messages if m.role == "assistant"][-1]
+                        for it in generation_items(records)}
         self.calls = []
 
     def answer(self, images, questions, *, max_new_tokens=16):
@@ -58,13 +61,15 @@ class StandInPipeline:
             out.append(self.gold[key] if right else "zzz")
         return out
 
-    def generate_images(self, prompts, *, n_per_prompt=1, sampling=None, batch_size=16, previews=False):
+    def generate_images(self, prompts, *, n_per_prompt=1, sampling=None, batch_size=16, previews=False, lead_in=False):
+        self.calls.append(("generate_images", len(prompts), lead_in))
         out = []
         for p in prompts:
             for k in range(n_per_prompt):
                 img = load_image(self.refs[p]) if self.mode == "right" else Image.new("RGB", (32, 32), (200, 200, 200))
                 strip = [img.resize((s, s), Image.Resampling.BOX) for s in (1, 2, 4)] + [img] if previews else []
-                out.append(SimpleNamespace(prompt=p, image=img, text="Here it is.", seed=k, previews=strip))
+                text = self.replies[p] if lead_in and self.mode == "right" else "Here it is."
+                out.append(SimpleNamespace(prompt=p, image=img, text=text, seed=k, previews=strip))
         return out
 
     def chat(self, messages, images=None, sampling=None):

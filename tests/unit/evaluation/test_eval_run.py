@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from vargpt.evaluation.generation import generation_items
 from vargpt.evaluation.run import add_eval_parser, add_feature_net_parser, evaluate_model, fid_against_references
 
 
@@ -24,15 +25,20 @@ def test_evaluate_model_right_pipeline(shapes_dir, test_records, stand_in, tmp_p
     n_one_object = len({r.images[0] for r in test_records if r.is_generation})
     assert m["fid"] is not None and m["fid_n_generated"] == 12 and m["fid_n_real"] == n_one_object > 12
     assert m["fid_reference"] is not None and m["fid_features"].startswith("project:")
+    assert m["generation_reply_accuracy"] == 1.0 and 0 < m["generation_reply_named"] < 1
+    assert m["generation_reply_n"] == len([it for it in generation_items(test_records) if it.expected])
     assert json.loads(out.read_text())["understanding_accuracy"] == 1.0
     page = (tmp_path / "eval" / "metrics.html").read_text()
     assert m["report"].endswith("metrics.html") and page.count("data:image/png") > 40
+    assert "the model's own replies" in page and "replies name what was asked" in page
 
 
 def test_evaluate_model_wrong_pipeline_no_fid(shapes_dir, test_records, stand_in):
     m = evaluate_model(None, shapes_dir, pipeline=stand_in(test_records, "wrong"), max_understanding=10,
                        max_generation=4)
     assert m["understanding_accuracy"] == 0.0 and m["generation_accuracy"] == 0.0
+    assert m["generation_reply_accuracy"] is None and m["generation_reply_named"] is None  # "Here it is."
+    assert m["generation_reply_n"] > 0
     assert m["fid"] is None and m["fid_features"] is None and m["report"] is None
 
 
@@ -52,6 +58,7 @@ def test_evaluate_model_non_shapesworld_data(shapes_dir, test_records, stand_in,
     assert m["understanding_accuracy"] == 1.0
     assert m["generation_accuracy"] is None and m["generation_per_attribute"] is None
     assert m["generation_n_images"] == 3 and m["fid"] is not None
+    assert m["generation_reply_accuracy"] is None and m["generation_reply_n"] == 0  # no oracle vocabulary
 
 
 def test_fid_against_references_small_counts():

@@ -10,12 +10,15 @@ import pytest
 from vargpt.data.shapesworld import load_world
 from vargpt.evaluation.generation import (
     ORACLE_KEYS,
+    REPLY_KEYS,
     compute_fid,
     evaluate_generation,
+    evaluate_replies,
     expected_attributes,
     fid_from_features,
     fid_from_stats,
     generation_items,
+    reply_names,
 )
 
 
@@ -71,6 +74,43 @@ def test_generator_must_be_prompt_major(test_records, stand_in):
     pipe.generate_images = shuffled
     with pytest.raises(RuntimeError, match="prompt-major"):
         evaluate_generation(pipe, test_records, None, max_prompts=3)
+
+
+def test_reply_names_checks_each_attribute(shapes_dir):
+    world = load_world(shapes_dir)
+    want = {"colour": "red", "shape": "circle", "size": "large", "position": "left"}
+    assert reply_names("Here is a large red circle on the left.<image_gen>", want, world) == {
+        "colour": True, "shape": True, "size": True, "position": True, "all": True}
+    wrong_shape = reply_names("Here is a large red diamond on the left.", want, world)
+    assert not wrong_shape["shape"] and wrong_shape["colour"] and not wrong_shape["all"]
+    assert not reply_names("A red or blue circle, large, left.", want, world)["colour"]  # two colours named
+    assert reply_names("Here is a blue one.", want, world) == {"colour": False, "all": False}  # only what it names
+    assert reply_names("Sure.<image_gen>", want, world) == {}  # a reply need not restate the request
+    assert reply_names("Redcircle", {"colour": "red"}, world) == {}  # whole words only
+    assert reply_names("a black circle", {"background": "black"}, world) == {}
+
+
+def test_replies_of_a_right_and_a_wrong_model(shapes_dir, test_records, stand_in):
+    world = load_world(shapes_dir)
+    pipe = stand_in(test_records, "right")
+    res = evaluate_replies(pipe, test_records, world, max_prompts=None)
+    n = len([it for it in generation_items(test_records) if it.expected])
+    assert pipe.calls == [("generate_images", n, True)]  # the model writes its own lead-in
+    assert res["n"] == n and set(res["accuracy"]) == set(REPLY_KEYS)
+    assert all(v == 1.0 for v in res["accuracy"].values()), res["accuracy"]  # the dataset's own replies
+    assert 0 < res["named"]["all"] < 1  # some of them ("Sure.") name nothing
+    s = next(s for s in res["samples"] if s["named"])
+    assert s["reply"].endswith("<image_gen>") and s["named"]["all"] and s["expected"]
+    assert res["seen"]["all"] == res["unseen"]["all"] == 1.0
+    silent = evaluate_replies(stand_in(test_records, "wrong"), test_records, world, max_prompts=12)
+    assert silent["n"] == 12 and silent["accuracy"] == {} and silent["named"] == {}
+    # a model that names the wrong colour (the next one in the world's list) everywhere
+    colours = list(world.colours)
+    swap = {c: colours[(i + 1) % len(colours)] for i, c in enumerate(colours)}
+    pipe.replies = {p: " ".join(swap.get(w, w) for w in r.split(" ")) for p, r in pipe.replies.items()}
+    wrong = evaluate_replies(pipe, test_records, world, max_prompts=None)
+    assert wrong["accuracy"]["colour"] < 0.1 and wrong["accuracy"]["all"] < 0.1, wrong["accuracy"]
+    assert wrong["accuracy"]["shape"] == 1.0 and wrong["named"] == res["named"]
 
 
 # --------------------------------------------------------------------------------------------------
