@@ -131,13 +131,21 @@ def evaluate_model(
         "fid_features", "tokenizer_oracle_accuracy" (and the other keys of
         :func:`vargpt.evaluation.tokenizer.tokenizer_oracle_scores`; ShapesWorld only, else null),
         "seconds", "report"}``.
+
+    Raises:
+        ConfigError: a negative sample count (or ``n_per_prompt`` < 1).
     """
-    from vargpt.config import SamplingConfig
+    from vargpt.config import ConfigError, SamplingConfig
     from vargpt.data.records import load_records
     from vargpt.data.shapesworld import load_world
     from vargpt.evaluation.generation import evaluate_generation, evaluate_replies
     from vargpt.evaluation.understanding import evaluate_understanding
 
+    for name, value in (("max_understanding", max_understanding), ("max_generation", max_generation),
+                        ("max_replies", max_replies), ("n_per_prompt", n_per_prompt)):
+        if value is not None and (value < 0 or (name == "n_per_prompt" and value < 1)):
+            raise ConfigError(f"{name} must be {'>= 1' if name == 'n_per_prompt' else '>= 0'} "
+                              f"(None = all), got {value}")
     t0 = time.perf_counter()
     if pipeline is None:
         from vargpt.generation.pipeline import Pipeline

@@ -61,6 +61,15 @@ def test_evaluate_model_non_shapesworld_data(shapes_dir, test_records, stand_in,
     assert m["generation_reply_accuracy"] is None and m["generation_reply_n"] == 0  # no oracle vocabulary
 
 
+@pytest.mark.parametrize("bad", [{"max_generation": -3}, {"max_replies": -1}, {"max_understanding": -1},
+                                 {"n_per_prompt": 0}])
+def test_evaluate_model_rejects_bad_counts(shapes_dir, test_records, stand_in, bad):
+    from vargpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        evaluate_model(None, shapes_dir, pipeline=stand_in(test_records, "right"), **bad)
+
+
 def test_fid_against_references_small_counts():
     feats = lambda ims: np.arange(len(ims) * 2, dtype=float).reshape(-1, 2) ** 1.5  # noqa: E731
     r = fid_against_references(feats, ["g"], ["r1", "r2"])
