@@ -33,6 +33,8 @@ Qwen2, eager and sdpa).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -383,13 +385,14 @@ class LLMBackbone(nn.Module):
             position_ids = positions_from_padding(mask, embeds_BTD.shape[1])
         if use_cache and cache is None:
             cache = self.new_cache()
-        out = self.model.get_decoder()(
+        decoder = self.model.get_decoder()
+        out = decoder(
             inputs_embeds=embeds_BTD, attention_mask=mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=use_cache or cache is not None,
+            use_cache=use_cache or cache is not None, **{_cache_argument(decoder): cache},
         )
         hidden_BTD = out.last_hidden_state
         logits_BTV = self.logits(hidden_BTD) if compute_logits else None
-        return BackboneOutput(hidden_BTD=hidden_BTD, logits_BTV=logits_BTV, cache=out.past_key_values)
+        return BackboneOutput(hidden_BTD=hidden_BTD, logits_BTV=logits_BTV, cache=_returned_cache(out))
 
     @staticmethod
     def _prepare_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -419,3 +422,16 @@ def add_special_tokens(tokenizer, backbone: LLMBackbone | None = None) -> list[s
     if backbone is not None and len(tokenizer) > backbone.vocab_size:
         backbone.resize_token_embeddings(len(tokenizer))
     return missing
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """The name the HF decoder's ``forward`` takes the KV cache by: ``cache`` from transformers 5.25 on
+    (``past_key_values`` is deprecated there and goes in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out: object) -> Cache | None:
+    """The KV cache of a HF decoder output, under either name (see :func:`_cache_argument`)."""
+    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
+    return out.cache if "cache" in names else out.past_key_values
+

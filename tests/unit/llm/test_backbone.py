@@ -186,3 +186,20 @@ def test_separate_image_tokens_mask():
         [0, 1, 0, 0, 1, 0],
         [0, 1, 1, 1, 1, 1],  # text after the image sees every slot
     ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_goes_through_without_deprecated_arguments(arch):
+    """The KV cache is passed and read back under the name the installed transformers uses (``cache``
+    from 5.25, ``past_key_values`` before; the old name goes in 5.40): no FutureWarning, and the same
+    cache object comes back, extended."""
+    import warnings
+
+    bb = tiny_llm(arch, "sdpa")
+    emb = torch.randn(1, 6, 32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)
+        cache = bb.new_cache()
+        out = bb(emb[:, :4], cache=cache)
+        assert out.cache is cache and cache.get_seq_length() == 4
+        assert bb(emb[:, 4:], cache=out.cache).cache.get_seq_length() == 6
