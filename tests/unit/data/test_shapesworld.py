@@ -136,6 +136,47 @@ def test_tasks_and_questions(dataset):
             assert " " not in answer and answer.islower()
 
 
+def test_binding_questions_ask_about_every_object_in_train_only(dataset, tmp_path):
+    """``--binding-questions``: in train, every attribute question type about each object of a two-object
+    image (answers read from *that* object); one-object images and the test split unchanged: without it
+    the train split is exactly the records that remain when the extra ones are removed."""
+    assert main(["--out", str(tmp_path / "rich"), "--n-train", "300", "--n-test", "150", "--seed", "3",
+                 "--no-progress", "--binding-questions"]) == 0
+    rich_dir = tmp_path / "rich"
+    train = _records(rich_dir, "train")
+    by_image: dict[str, list[dict]] = {}
+    for r in train:
+        if r["meta"]["task"] == "qa":
+            by_image.setdefault(r["images"][0], []).append(r)
+    two = [qs for qs in by_image.values() if len(qs[0]["meta"]["objects"]) == 2]
+    assert two
+    for qs in by_image.values():
+        objects = qs[0]["meta"]["objects"]
+        per_type = {q: [r for r in qs if r["meta"]["qtype"] == q] for q in text.QTYPES}
+        assert len(per_type["count"]) == 1
+        for qtype in ("colour", "shape", "position", "size"):
+            assert len(per_type[qtype]) == len(objects)
+            named = []
+            for r in per_type[qtype]:
+                question, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+                # the object the question names (by its shape word, else its colour word) gives the answer
+                words = set(question.replace("?", " ").split())
+                (obj,) = ([o for o in objects if o["shape"] in words] or [o for o in objects if o["colour"] in words]
+                          or objects)  # "What colour is the object?" (one-object images only)
+                assert answer == obj[qtype]
+                named.append(obj["shape"])
+            assert sorted(named) == sorted(o["shape"] for o in objects)
+    for root in (rich_dir, dataset):
+        test_qa = [(r["images"][0], r["meta"]["qtype"]) for r in _records(root, "test") if r["meta"]["task"] == "qa"]
+        assert len(test_qa) == len(set(test_qa))  # one question per type and image
+    plain = [json.dumps(r) for r in _records(dataset, "train")]
+    rich = [json.dumps(r) for r in train]
+    assert len(rich) == len(plain) + 4 * len(two)
+    it = iter(rich)
+    assert all(any(line == other for other in it) for line in plain)  # plain is a subsequence of rich
+    assert (rich_dir / "test.jsonl").read_bytes() == (dataset / "test.jsonl").read_bytes()
+
+
 def test_two_object_scenes_are_separated_and_distinct():
     world = World(image_size=32)
     for index in range(150):

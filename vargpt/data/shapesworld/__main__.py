@@ -20,10 +20,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="everything is a function of the seed")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--binding-questions", action="store_true",
+                        help="train split: ask every question type about each object of a two-object image, "
+                             "not about one of them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     counts = write_dataset(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-                           image_size=args.image_size, progress=not args.no_progress)
+                           image_size=args.image_size, progress=not args.no_progress,
+                           binding_questions=args.binding_questions)
     sys.stdout.write(json.dumps(counts) + "\n")
     return 0
 

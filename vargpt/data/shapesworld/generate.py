@@ -12,8 +12,9 @@ A record is ``{"messages": [{"role", "content"}, ...], "images": [relative paths
 (one-object images only), "meta": {"task", "qtype" (qa only), "objects", "background",
 "combo_seen"}}``. ``<image>`` in a user turn is an input image, ``<image_gen>`` in an assistant turn an
 image to generate; ``images`` lists them in order of appearance. Every image backs several records:
-a caption, one question per QA type and, for one-object images, a caption-based generation
-instruction and a stage-1 class prompt.
+a caption, one question per QA type (with ``binding_questions``, in the train split of two-object images
+one per QA type and object) and, for one-object images, a
+caption-based generation instruction and a stage-1 class prompt.
 
 Each image draws from its own ``random.Random`` seeded by ``(seed, split, index)``, so the output is
 byte-identical for a seed and the first ``n`` images do not depend on how many are written.
@@ -76,8 +77,10 @@ def _record(user: str, assistant: str, image: str, meta: dict[str, Any], cls: st
     return record
 
 
-def scene_records(scene: Scene, image: str, world: World, rng: random.Random) -> list[dict[str, Any]]:
-    """All records backed by one image: caption, QA of every type, and (one object) gen + class_gen."""
+def scene_records(scene: Scene, image: str, world: World, rng: random.Random, *,
+                  every_object: bool = False) -> list[dict[str, Any]]:
+    """All records backed by one image: caption, QA of every type (with ``every_object``, about every
+    object of a multi-object scene), and (one object) gen + class_gen."""
     base = {
         "objects": [obj.attributes() for obj in scene.objects],
         "background": scene.background,
@@ -88,7 +91,7 @@ def scene_records(scene: Scene, image: str, world: World, rng: random.Random) ->
     description = text.caption(scene)
     records = [_record(f"{IMAGE}\n{text.caption_prompt(rng)}", description, image,
                        {"task": "caption", **base}, cls)]
-    for qa in text.qa_pairs(scene, rng):
+    for qa in text.qa_pairs(scene, rng, every_object=every_object):
         records.append(_record(f"{IMAGE}\n{qa.question}", qa.answer, image,
                                {"task": "qa", "qtype": qa.qtype, **base}, cls))
     if single:
@@ -99,7 +102,8 @@ def scene_records(scene: Scene, image: str, world: World, rng: random.Random) ->
     return records
 
 
-def _write_split(out: Path, split: str, n_images: int, world: World, seed: int, progress: bool) -> int:
+def _write_split(out: Path, split: str, n_images: int, world: World, seed: int, progress: bool,
+                 every_object: bool = False) -> int:
     """Write ``images/{split}/*.png`` and ``{split}.jsonl``; returns the number of records."""
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +114,7 @@ def _write_split(out: Path, split: str, n_images: int, world: World, seed: int, 
             scene, rng = sample_split_scene(world, split, seed, index)
             relative = f"images/{split}/{index:0{digits}d}.png"
             render(scene, world).save(out / relative, format="PNG")
-            for record in scene_records(scene, relative, world, rng):
+            for record in scene_records(scene, relative, world, rng, every_object=every_object):
                 lines.write(json.dumps(record, ensure_ascii=False) + "\n")
                 n_records += 1
     return n_records
@@ -118,7 +122,7 @@ def _write_split(out: Path, split: str, n_images: int, world: World, seed: int, 
 
 def write_dataset(
     out_dir: str | Path, *, n_train: int, n_test: int, seed: int = 0, image_size: int = 32,
-    progress: bool = True,
+    progress: bool = True, binding_questions: bool = False,
 ) -> dict[str, int]:
     """Generate ShapesWorld into ``out_dir`` (created if needed; existing files are overwritten).
 
@@ -128,6 +132,10 @@ def write_dataset(
         seed: everything (scenes, text, held-out test sampling) is a function of it.
         image_size: side of the square images in pixels (32 for the tiny preset; 64 also works).
         progress: show a tqdm progress bar.
+        binding_questions: in the train split, ask every QA type (count excepted) about each object of a
+            two-object image, not about one of them (:func:`~vargpt.data.shapesworld.text.qa_pairs`);
+            the test split always asks one question per type, so its measurements do not change. Off by
+            default: on the tiny preset it did not teach binding in the recipe's budget (README).
 
     Returns:
         ``{"train_images", "train_records", "test_images", "test_records"}``.
@@ -140,8 +148,10 @@ def write_dataset(
     counts: dict[str, int] = {}
     for split, n_images in zip(SPLITS, (n_train, n_test), strict=True):
         counts[f"{split}_images"] = n_images
-        counts[f"{split}_records"] = _write_split(out, split, n_images, world, seed, progress)
-    description = {"name": "shapesworld", "seed": seed, **world.to_dict(), "counts": counts}
+        counts[f"{split}_records"] = _write_split(out, split, n_images, world, seed, progress,
+                                                  every_object=binding_questions and split == "train")
+    description = {"name": "shapesworld", "seed": seed, **world.to_dict(), "counts": counts,
+                   "binding_questions": binding_questions}
     (out / "world.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote ShapesWorld to %s: %s", out, counts)
     return counts

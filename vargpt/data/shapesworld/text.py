@@ -179,14 +179,29 @@ def _question(qtype: str, obj: SceneObject, n_objects: int, rng: random.Random) 
     return QA(qtype, question, answer)
 
 
-def qa_pairs(scene: Scene, rng: random.Random) -> list[QA]:
-    """One question of every type in :data:`QTYPES`, each about a randomly chosen object.
+def qa_pairs(scene: Scene, rng: random.Random, *, every_object: bool = False) -> list[QA]:
+    """One question of every type in :data:`QTYPES`, each about a randomly chosen object; with
+    ``every_object``, then the same question type about each of the scene's *other* objects too (count
+    excepted), drawn after all the others (so the first questions do not change).
 
     Objects of one scene differ in colour and in shape, so "the {shape}" and "the {colour} object"
-    always name exactly one object.
+    always name exactly one object. Asking about every object of a two-object scene gives one image two
+    questions with different answers ("What colour is the circle?" red, "... the star?" blue): answering
+    with either object's attribute no longer fits both, so the answer must be read from the named one
+    (binding). With one question per image that shortcut is right half of the time.
     """
     n = len(scene.objects)
-    return [_question(qtype, rng.choice(scene.objects), n, rng) for qtype in QTYPES]
+    asked = []
+    pairs = []
+    for qtype in QTYPES:
+        obj = rng.choice(scene.objects)
+        asked.append(obj)
+        pairs.append(_question(qtype, obj, n, rng))
+    if every_object and n > 1:
+        for qtype, chosen in zip(QTYPES, asked, strict=True):
+            if qtype != "count":
+                pairs.extend(_question(qtype, obj, n, rng) for obj in scene.objects if obj is not chosen)
+    return pairs
 
 
 def generation_turns(text: str, rng: random.Random) -> tuple[str, str]:
