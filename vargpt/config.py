@@ -526,6 +526,12 @@ class TrainConfig:
     """Weight of the text cross-entropy."""
     image_loss_weight: float = 1.0
     """Weight of the image-code cross-entropy."""
+    image_min_scale_share: float | None = None
+    """Floor on every scale's share of the image-code cross-entropy *in this run* (clamped, then all shares
+    renormalised), in place of the visual decoder's own ``loss_min_scale_share`` (None = the decoder's; in
+    [0, 0.1]). The tiny preset's stage 3 uses 0.1: the decoder pretrains with most of its loss on the last
+    scale, but stage 3 is where the prompt must steer the first scales (colour and layout) too. Not saved
+    with the model (its config keeps the decoder's own value)."""
     cond_align_weight: float = 0.0
     """Weight of the condition-alignment loss (:meth:`vargpt.model.VARGPT.forward`): for generated images
     whose record names a class of the visual decoder, the out-projected LLM state of the first generation
@@ -572,6 +578,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 _fail(self, name, getattr(self, name), "must be >= 0")
+        if self.image_min_scale_share is not None and not 0.0 <= self.image_min_scale_share <= 0.1:
+            _fail(self, "image_min_scale_share", self.image_min_scale_share, "must be None or in [0, 0.1]")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -237,3 +237,30 @@ def test_a_stage_reports_the_heldout_metrics_of_the_model_it_saved(setup, tmp_pa
     assert m["heldout_loss_after"] == pytest.approx(again.pop("loss"), rel=1e-4)
     for k, v in again.items():
         assert m["heldout"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_tiny_stage3_floors_the_scale_shares_of_its_code_loss(setup, tmp_path, monkeypatch):
+    """The tiny stage 3 trains with every scale's share of the code loss clamped at >= 0.1 before
+    renormalisation (``TrainConfig.image_min_scale_share``; 7.5% for each of the first four scales instead of
+    0.02-4.5%); the saved model keeps the decoder's own weighting."""
+    import vargpt.model as model_module
+    from vargpt.tokenizer.scales import scale_ids
+    from vargpt.visual_decoder.loss import token_weights
+
+    seen = []
+    real = model_module.code_loss
+    monkeypatch.setattr(model_module, "code_loss", lambda lg, gt, w: seen.append(w.clone()) or real(lg, gt, w))
+    m = train_stage("stage3", from_dir=setup / "stage0", data_dir=setup / "data", out_dir=tmp_path / "s3",
+                    max_steps=1, max_eval=4, progress=False)
+    patch_nums = VARGPTConfig.from_name("tiny").vqvae.patch_nums
+
+    def shares(w):
+        return torch.zeros(len(patch_nums)).index_add(0, scale_ids(patch_nums), w.float())
+
+    assert m["image_min_scale_share"] == 0.1 and seen
+    trained = shares(seen[0])
+    assert torch.equal(seen[0], token_weights(patch_nums, "power", 2.0, min_share=0.1))
+    assert abs(float(trained.sum()) - 1) < 1e-5 and float(trained[:4].min()) > 0.07
+    saved, _ = load_pretrained(tmp_path / "s3")
+    own = shares(saved.vargpt_gen.loss_weights_L)
+    assert float(own.min()) < 0.01 and torch.allclose(own, shares(saved.vargpt_gen.code_loss_weights()))

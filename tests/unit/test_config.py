@@ -64,6 +64,8 @@ def test_released_model_sizes():
         (lambda: TrainConfig(batch_size=0), "batch_size", "0"),
         (lambda: TrainConfig(replay_fraction=1.0), "replay_fraction", "1.0"),
         (lambda: TrainConfig(replay_power=-1.0), "replay_power", "-1.0"),
+        (lambda: TrainConfig(image_min_scale_share=0.2), "image_min_scale_share", "0.2"),
+        (lambda: TrainConfig(image_min_scale_share=-0.1), "image_min_scale_share", "-0.1"),
         (lambda: GenProjectorConfig(decoder_input="replace", input_gate=True), "input_gate", "True"),
     ],
 )

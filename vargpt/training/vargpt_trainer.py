@@ -164,6 +164,9 @@ def train_stage(
         cfg = dataclasses.replace(cfg, trainable=tuple(trainable))
     out = Path(out_dir)
     model, tokenizer = load_pretrained(from_dir)
+    if cfg.image_min_scale_share is not None:  # this stage's floor on the scales' loss shares (not saved)
+        dec = model.vargpt_gen
+        dec.loss_weights_L = dec.code_loss_weights(cfg.image_min_scale_share).to(dec.loss_weights_L.device)
     train_recs = spec.select(load_records(data_dir, "train"), seed)
     test_recs = spec.select(load_records(data_dir, "test"), seed)
     # A seeded sample, not the head: a stage's selection is grouped by kind (understanding first).
@@ -186,6 +189,7 @@ def train_stage(
     model.vae_local.requires_grad_(False)
     save_pretrained(model, tokenizer, out / MODEL_SUBDIR)
     metrics = {"stage": stage, **result.to_dict(), "trainable": list(cfg.trainable),
+               "image_min_scale_share": cfg.image_min_scale_share,
                "trainable_parameters": n_trainable, "train_records": len(train_recs)}
     if eval_ds is not None:
         heldout = {k: v for k, v in result.eval_metrics.get(result.steps, {}).items() if k != "loss"}

@@ -118,9 +118,7 @@ class VisualDecoder(nn.Module):
         self.register_buffer("lvl_1L", scale_ids(self.patch_nums).view(1, L))
         self.register_buffer("attn_bias_for_masking", block_causal_bias(self.patch_nums).view(1, 1, L, L))
         # Per-token weights of the code cross-entropy (cfg.loss_weighting); derived, so not saved.
-        weights_L = token_weights(self.patch_nums, cfg.loss_weighting, cfg.loss_power,
-                                  cfg.loss_min_scale_share)
-        self.register_buffer("loss_weights_L", weights_L, persistent=False)
+        self.register_buffer("loss_weights_L", self.code_loss_weights(), persistent=False)
         if cfg.rope_2d:  # derived from patch_nums, so not saved
             cos_Lc, sin_Lc = rope_2d_angles(self.patch_nums, cfg.head_dim)
             self.register_buffer("rope_cos_Lc", cos_Lc, persistent=False)
@@ -147,6 +145,12 @@ class VisualDecoder(nn.Module):
     def uncond_label(self) -> int:
         """Index of the unconditional row of ``class_emb``."""
         return self.cfg.num_classes
+
+    def code_loss_weights(self, min_scale_share: float | None = None) -> torch.Tensor:
+        """Per-token weights ``(L,)`` of the code cross-entropy under the config's weighting, with every
+        scale's share floored at ``min_scale_share`` (default: ``cfg.loss_min_scale_share``)."""
+        floor = self.cfg.loss_min_scale_share if min_scale_share is None else min_scale_share
+        return token_weights(self.patch_nums, self.cfg.loss_weighting, self.cfg.loss_power, floor)
 
     # ---- init (SPEC 2.9) -------------------------------------------------------------------------
     @torch.no_grad()
