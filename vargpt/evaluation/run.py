@@ -142,10 +142,11 @@ def evaluate_model(
     from vargpt.evaluation.understanding import evaluate_understanding
 
     for name, value in (("max_understanding", max_understanding), ("max_generation", max_generation),
-                        ("max_replies", max_replies), ("n_per_prompt", n_per_prompt)):
-        if value is not None and (value < 0 or (name == "n_per_prompt" and value < 1)):
-            raise ConfigError(f"{name} must be {'>= 1' if name == 'n_per_prompt' else '>= 0'} "
-                              f"(None = all), got {value}")
+                        ("max_replies", max_replies)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must be >= 0 (None = all), got {value}")
+    if n_per_prompt < 1:
+        raise ConfigError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
     t0 = time.perf_counter()
     if pipeline is None:
         from vargpt.generation.pipeline import Pipeline

@@ -438,6 +438,11 @@ def _cache_argument_of(decoder_cls: type) -> str:  # once per class: inspect.sig
 
 def _returned_cache(out: object) -> Cache | None:
     """The KV cache of a HF decoder output, under either name (see :func:`_cache_argument`)."""
-    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
-    return out.cache if "cache" in names else out.past_key_values
+    return getattr(out, _cache_field_of(type(out)))
+
+
+@functools.cache
+def _cache_field_of(output_cls: type) -> str:  # once per output class, not per forward
+    names = {f.name for f in dataclasses.fields(output_cls)} if dataclasses.is_dataclass(output_cls) else set()
+    return "cache" if "cache" in names else "past_key_values"
 
