@@ -198,7 +198,15 @@ def test_text_pools_and_grammar():
     assert user == "Please generate an image of an orange star." and assistant.endswith(IMAGE_GEN)
     scene = Scene("white", (SceneObject("circle", "red", "large", "left", 1, 9, 15),
                             SceneObject("star", "blue", "small", "top", 11, 3, 10)))
-    assert text.caption(scene) == "a large red circle on the left and a small blue star at the top"
+    # reading order of the regions (top, left, centre, right, bottom), not drawing order
+    assert text.caption(scene) == "a small blue star at the top and a large red circle on the left"
+    assert text.caption(Scene("white", scene.objects[::-1])) == text.caption(scene)
+    right = SceneObject("heart", "green", "small", "right", 20, 9, 10)
+    assert text.caption(Scene("white", (right, scene.objects[0]))).startswith("a large red circle on the left and")
+    # a custom world's regions order by their own centres
+    flipped = {"left": (0.25, 0.9), "top": (0.5, 0.1)}
+    assert text.caption(scene, flipped).startswith("a small blue star")
+    assert text.caption(scene, {"left": (0.25, 0.1), "top": (0.5, 0.2)}).startswith("a large red circle")
 
 
 def test_palette_separation_and_shapes():

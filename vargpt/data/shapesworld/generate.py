@@ -88,7 +88,7 @@ def scene_records(scene: Scene, image: str, world: World, rng: random.Random, *,
     }
     single = len(scene.objects) == 1
     cls = scene.class_name if single else None
-    description = text.caption(scene)
+    description = text.caption(scene, world.positions)
     records = [_record(f"{IMAGE}\n{text.caption_prompt(rng)}", description, image,
                        {"task": "caption", **base}, cls)]
     for qa in text.qa_pairs(scene, rng, every_object=every_object):

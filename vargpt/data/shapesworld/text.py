@@ -10,9 +10,10 @@ evaluation.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from typing import NamedTuple
 
-from vargpt.data.shapesworld.world import Scene, SceneObject
+from vargpt.data.shapesworld.world import POSITIONS, Scene, SceneObject
 from vargpt.special_tokens import IMAGE_GEN
 
 POSITION_PHRASES: dict[str, str] = {
@@ -158,9 +159,17 @@ def describe(obj: SceneObject) -> str:
     return f"a {obj.size} {obj.colour} {obj.shape} {POSITION_PHRASES[obj.position]}"
 
 
-def caption(scene: Scene) -> str:
-    """The scene's caption: its objects described in drawing order, joined by "and"."""
-    return " and ".join(describe(obj) for obj in scene.objects)
+def caption(scene: Scene, positions: Mapping[str, tuple[float, float]] | None = None) -> str:
+    """The scene's caption: its objects described in reading order of their regions, joined by "and".
+
+    Reading order = by the region centre's row, then column (``positions``: region name -> ``(fx, fy)``
+    centre, default :data:`~vargpt.data.shapesworld.world.POSITIONS`): top, left, centre, right, bottom.
+    Objects never overlap, so the drawing order cannot be seen in the image; a caption in drawing order
+    would give a two-object image two equally likely answers, of which exact match accepts one.
+    """
+    centres = POSITIONS if positions is None else positions
+    ordered = sorted(scene.objects, key=lambda obj: centres[obj.position][::-1])
+    return " and ".join(describe(obj) for obj in ordered)
 
 
 def caption_prompt(rng: random.Random) -> str:
