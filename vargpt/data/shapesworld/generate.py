@@ -12,9 +12,9 @@ A record is ``{"messages": [{"role", "content"}, ...], "images": [relative paths
 (one-object images only), "meta": {"task", "qtype" (qa only), "objects", "background",
 "combo_seen"}}``. ``<image>`` in a user turn is an input image, ``<image_gen>`` in an assistant turn an
 image to generate; ``images`` lists them in order of appearance. Every image backs several records:
-a caption, one question per QA type (with ``binding_questions``, in the train split of two-object images
-one per QA type and object) and, for one-object images, a caption-based generation instruction and a
-stage-1 class prompt.
+a caption (objects in reading order of their regions: top, left, centre, right, bottom), one question
+per QA type (with ``binding_questions``, in the train split of two-object images one per QA type and
+object) and, for one-object images, a caption-based generation instruction and a stage-1 class prompt.
 
 Each image draws from its own ``random.Random`` seeded by ``(seed, split, index)``, so the output is
 byte-identical for a seed and the first ``n`` images do not depend on how many are written.
