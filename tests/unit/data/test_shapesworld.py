@@ -207,6 +207,8 @@ def test_text_pools_and_grammar():
     flipped = {"left": (0.25, 0.9), "top": (0.5, 0.1)}
     assert text.caption(scene, flipped).startswith("a small blue star")
     assert text.caption(scene, {"left": (0.25, 0.1), "top": (0.5, 0.2)}).startswith("a large red circle")
+    with pytest.raises(ValueError, match="top"):
+        text.caption(scene, {"left": (0.25, 0.5)})
 
 
 def test_palette_separation_and_shapes():

@@ -168,6 +168,9 @@ def caption(scene: Scene, positions: Mapping[str, tuple[float, float]] | None = 
     would give a two-object image two equally likely answers, of which exact match accepts one.
     """
     centres = POSITIONS if positions is None else positions
+    missing = sorted({obj.position for obj in scene.objects} - set(centres))
+    if missing:
+        raise ValueError(f"no region centre for position(s) {missing}: pass the world's positions")
     ordered = sorted(scene.objects, key=lambda obj: centres[obj.position][::-1])
     return " and ".join(describe(obj) for obj in ordered)
 
