@@ -136,6 +136,24 @@ def test_tasks_and_questions(dataset):
             assert " " not in answer and answer.islower()
 
 
+def test_two_object_captions_follow_reading_order(dataset):
+    """Whatever order the objects were drawn in, a caption lists the upper (then the left) object first."""
+    rank = {"top": 0, "left": 1, "center": 2, "right": 3, "bottom": 4}
+    drawn_later_first = 0
+    for split in ("train", "test"):
+        for r in _records(dataset, split):
+            objects = r["meta"]["objects"]
+            if r["meta"]["task"] != "caption" or len(objects) != 2:
+                continue
+            ordered = sorted(objects, key=lambda o: rank[o["position"]])
+            drawn_later_first += ordered[0] is objects[1]
+            expected = " and ".join(f"a {o['size']} {o['colour']} {o['shape']} {text.POSITION_PHRASES[o['position']]}"
+                                    for o in ordered)
+            assert r["messages"][1]["content"] == expected
+    assert drawn_later_first > 10  # the drawing order does vary, so the test can fail
+    assert json.loads((dataset / "world.json").read_text())["caption_order"] == "reading"
+
+
 def test_binding_questions_ask_about_every_object_in_train_only(dataset, tmp_path):
     """``--binding-questions``: in train, every attribute question type about each object of a two-object
     image (answers read from *that* object); one-object images and the test split unchanged: without it

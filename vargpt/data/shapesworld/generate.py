@@ -151,7 +151,7 @@ def write_dataset(
         counts[f"{split}_records"] = _write_split(out, split, n_images, world, seed, progress,
                                                   every_object=binding_questions and split == "train")
     description = {"name": "shapesworld", "seed": seed, **world.to_dict(), "counts": counts,
-                   "binding_questions": binding_questions}
+                   "binding_questions": binding_questions, "caption_order": "reading"}
     (out / "world.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote ShapesWorld to %s: %s", out, counts)
     return counts
