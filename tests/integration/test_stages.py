@@ -264,3 +264,31 @@ def test_tiny_stage3_floors_the_scale_shares_of_its_code_loss(setup, tmp_path, m
     saved, _ = load_pretrained(tmp_path / "s3")
     own = shares(saved.vargpt_gen.loss_weights_L)
     assert float(own.min()) < 0.01 and torch.allclose(own, shares(saved.vargpt_gen.code_loss_weights()))
+
+
+def test_tiny_stage3_text_loss_reaches_the_llm_only_through_the_image_slots(setup):
+    """Tiny stage 3 keeps the text loss (the paper's preset does not). With the LLM frozen, its gradient reaches
+    stage 3's parameters only through the generated image's slots, i.e. the </s> after ``<image_gen_end>``
+    trains the projector that feeds the LLM those slots (without it, stage 3 moved them until the LLM kept
+    talking after the image) and the decoder's input embeddings the slots are made from; the decoder's blocks
+    and head and the output projector get nothing from it."""
+    from vargpt.data.datasets import VARGPTDataset, collate_vargpt
+    from vargpt.data.records import load_records
+    from vargpt.training.stages import vargpt_stages
+    from vargpt.training.vargpt_trainer import stage_loss_fn
+
+    assert vargpt_stages("tiny")["stage3"].train.text_loss_weight == 1.0
+    assert vargpt_stages("vargpt-v1-7b")["stage3"].train.text_loss_weight == 0.0
+    model, tok = load_pretrained(setup / "stage0")
+    model.eval()
+    gen = [r for r in load_records(setup / "data", "train") if r.is_generation][:2]
+    ds = VARGPTDataset(gen, tok, model, progress=False)
+    batch = collate_vargpt([ds[i] for i in range(len(ds))], model.token_ids.pad)
+    ends = (batch.input_ids == model.token_ids.image_gen_end).nonzero()
+    assert len(ends) == 2 and all(int(batch.labels[b, t + 1]) == tok.eos_token_id for b, t in ends.tolist())
+    stage_loss_fn(1.0, 0.0, 0.0)(model, batch)["loss"].backward()
+
+    touched = {n for n, p in model.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
+    assert any(n.startswith("image_gen_projector.") for n in touched)
+    # stage-3 parameters downstream of the LLM (decoder blocks and head, output projector) get nothing
+    assert not any(n.startswith(("image_gen_projector_out.", "vargpt_gen.blocks.", "vargpt_gen.head")) for n in touched)
