@@ -36,6 +36,7 @@ from PIL import Image
 from vargpt.data.records import Record
 from vargpt.data.shapesworld.world import World
 from vargpt.evaluation.understanding import strip_image_placeholders
+from vargpt.special_tokens import IMAGE_GEN
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,14 @@ class Generator(Protocol):
     """What :func:`evaluate_generation` needs (a ``Pipeline`` works)."""
 
     def generate_images(self, prompts: list[str], *, n_per_prompt: int = 1, sampling: Any = None,
-                        batch_size: int = 16, previews: bool = False, lead_in: bool = False) -> list[Any]:
+                        batch_size: int = 16, previews: bool = False, lead_in: bool = False,
+                        finish_reply: bool = False) -> list[Any]:
         """``n_per_prompt`` results per prompt, prompt-major; each has ``.image`` (PIL) and
         optionally ``.prompt``, ``.previews`` (list of PIL, one per scale, when asked) and ``.seed``.
         ``lead_in=True``: the model writes its own reply text before the image (``.text``) instead of
-        being forced into the image (only :func:`evaluate_replies` asks for it)."""
+        being forced into the image; ``finish_reply=True``: the reply goes on after the image until the
+        model ends it or the text budget does (``.finish_reason`` ``"stop"`` / ``"length"``). Only
+        :func:`evaluate_replies` asks for either."""
         ...
 
 
@@ -223,47 +227,66 @@ def reply_names(text: str, expected: Mapping[str, str], world: World) -> dict[st
 
 def evaluate_replies(
     generator: Generator, records: Sequence[Record], world: World, *, sampling: Any = None,
-    max_prompts: int | None = 128, batch_size: int = 16,
+    max_prompts: int | None = 128, batch_size: int = 16, finish_reply: bool = True,
 ) -> dict[str, Any]:
-    """Does the model's own reply to a generation prompt say what it was asked to draw, or something else?
+    """Does the model's own reply to a generation prompt say what it was asked to draw, and does it end?
 
     Each prompt is run as a chat would run it (``lead_in=True``: the model writes its reply text and
-    starts the image itself), and the text before the image is checked with :func:`reply_names` against
+    starts the image itself; ``finish_reply=True``: after the image it goes on until it writes ``</s>``
+    or the text budget ends), and the text before the image is checked with :func:`reply_names` against
     the attributes the prompt states. The image-accuracy evaluation forces the image right after the
-    prompt, so it never sees this text; a user does ("Here is a red diamond." for a red circle).
+    prompt and stops there, so it never sees this text; a user does ("Here is a red diamond." for a red
+    circle, or "... <image_gen> ring ring ring ..." to the token limit after a good image).
     Replies need not restate the request (ShapesWorld's own replies are sometimes just "Sure."), so
     accuracies are over the replies that name the attribute, and ``named`` says how many did.
 
+    Args:
+        finish_reply: let each reply go on after its image (the ``runaway`` and ``after_image`` rates);
+            False stops at the image, as before (only the text before it is generated).
+
     Returns:
         ``{"n", "accuracy": {key: rate}, "named": {key: share of replies naming it}, "seen", "unseen"
-        (accuracies over prompts whose colour x shape combination was / was not in training), "samples":
-        [{"prompt", "reply", "expected", "named", "combo_seen"}]}``; keys in :data:`REPLY_KEYS` (``all``:
-        every named attribute right); a key is absent when no reply names it.
+        (accuracies over prompts whose colour x shape combination was / was not in training),
+        "runaway" (share of replies still going when the text budget ran out: the model did not end its
+        reply; None without ``finish_reply``), "after_image" (share with any text after the image;
+        ShapesWorld's own replies have none; None without ``finish_reply``), "samples": [{"prompt",
+        "reply", "expected", "named", "combo_seen", "finish_reason"}]}``; keys in :data:`REPLY_KEYS`
+        (``all``: every named attribute right); a key is absent when no reply names it.
     """
     items = [it for it in generation_items(records) if it.expected][:max_prompts]
+    extra = {"finish_reply": True} if finish_reply else {}
     results = generator.generate_images([it.prompt for it in items], sampling=sampling, batch_size=batch_size,
-                                        lead_in=True) if items else []
+                                        lead_in=True, **extra) if items else []
     if len(results) != len(items):
         raise RuntimeError(f"the generator returned {len(results)} replies for {len(items)} prompts")
     overall: dict[str, list[bool]] = defaultdict(list)
     by_combo: dict[bool, dict[str, list[bool]]] = {True: defaultdict(list), False: defaultdict(list)}
     samples = []
+    runaway = after_image = 0
     for it, res in zip(items, results, strict=True):
         text = str(getattr(res, "text", "") or "")
-        named = reply_names(text, it.expected, world)
+        lead_in, _, tail = text.partition(IMAGE_GEN)
+        reason = getattr(res, "finish_reason", None)
+        runaway += reason == "length"
+        after_image += bool(tail.strip())
+        named = reply_names(lead_in, it.expected, world)
         for key, ok in named.items():
             overall[key].append(ok)
             if it.combo_seen is not None:
                 by_combo[it.combo_seen][key].append(ok)
         samples.append({"prompt": it.prompt, "reply": text, "expected": it.expected, "named": named,
-                        "combo_seen": it.combo_seen})
+                        "combo_seen": it.combo_seen, "finish_reason": reason})
 
     def rates(hits: Mapping[str, list[bool]]) -> dict[str, float]:
         return {k: round(sum(hits[k]) / len(hits[k]), 4) for k in REPLY_KEYS if hits.get(k)}
 
+    def share(count: int) -> float | None:
+        return round(count / len(items), 4) if finish_reply and items else None
+
     return {"n": len(items), "accuracy": rates(overall),
             "named": {k: round(len(overall[k]) / len(items), 4) for k in REPLY_KEYS if overall.get(k)},
-            "seen": rates(by_combo[True]), "unseen": rates(by_combo[False]), "samples": samples}
+            "seen": rates(by_combo[True]), "unseen": rates(by_combo[False]), "runaway": share(runaway),
+            "after_image": share(after_image), "samples": samples}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ def _headline(metrics: Mapping[str, Any]) -> str:
     cards = [("understanding accuracy", metrics.get("understanding_accuracy"), True),
              ("generation accuracy (colour+shape)", metrics.get("generation_accuracy"), True),
              ("replies name what was asked", metrics.get("generation_reply_accuracy"), True),
+             ("replies that never end (lower is better)", metrics.get("generation_reply_runaway"), True),
              ("FID (project features)", metrics.get("fid"), False),
              ("FID real vs real (floor)", metrics.get("fid_reference"), False)]
     out = []
@@ -263,13 +264,17 @@ def _reply_section(samples: Sequence[Mapping[str, Any]], limit: int) -> str:
     shown = list(samples[:limit])
     n_ok = sum(bool((s.get("named") or {}).get("all")) for s in samples)
     n_named = sum("all" in (s.get("named") or {}) for s in samples)
+    n_runaway = sum(s.get("finish_reason") == "length" for s in samples)
+    ending = (f" {n_runaway} of {len(samples)} did not end before the text budget ran out (ended: "
+              "<code>length</code>)." if any(s.get("finish_reason") for s in samples) else "")
     rows = "".join(
         f"<tr><td>{html.escape(str(s.get('prompt', '')))}</td><td>{html.escape(str(s.get('reply', '')))}</td>"
-        f"<td>{_badges(s.get('expected'), s.get('named'))}</td></tr>" for s in shown)
-    return (f"<section><h2>Generation: the model's own replies</h2><p class='muted'>the text a chat shows before "
-            f"the image: {n_named} of {len(samples)} replies name some attribute of the request, {n_ok} of them "
-            f"only as asked (badges: red = a different one named); showing {len(shown)}.</p>"
-            f"<table><tr><th>prompt</th><th>reply</th><th>named</th></tr>{rows}</table></section>")
+        f"<td>{_badges(s.get('expected'), s.get('named'))}</td>"
+        f"<td>{html.escape(str(s.get('finish_reason') or '—'))}</td></tr>" for s in shown)
+    return (f"<section><h2>Generation: the model's own replies</h2><p class='muted'>the text a chat shows around "
+            f"the image: {n_named} of {len(samples)} replies name some attribute of the request before it, {n_ok} "
+            f"of them only as asked (badges: red = a different one named).{ending} Showing {len(shown)}.</p>"
+            f"<table><tr><th>prompt</th><th>reply</th><th>named</th><th>ended</th></tr>{rows}</table></section>")
 
 
 def _curves_section(loss_curves: Sequence[str | Path]) -> str:

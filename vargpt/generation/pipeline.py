@@ -74,6 +74,8 @@ class GeneratedImage:
         seed: this sample's seed (pass ``seeds=[seed]`` to regenerate it alone).
         previews: per-scale previews (empty unless requested); the last equals ``image``.
         codes: per-scale codes, S tensors (pn^2,).
+        finish_reason: ``"image"`` (ended after the image, the default), or with ``finish_reply=True``
+            the reply's own ending: ``"stop"`` or ``"length"`` (:class:`~vargpt.generation.reply.Response`).
     """
 
     prompt: str
@@ -82,6 +84,7 @@ class GeneratedImage:
     seed: int
     previews: list[Image.Image] = field(default_factory=list)
     codes: list[torch.Tensor] = field(default_factory=list)
+    finish_reason: str = "image"
 
 
 class Pipeline:
@@ -169,6 +172,7 @@ class Pipeline:
         seeds: Sequence[int] | None = None,
         previews: bool = False,
         lead_in: bool = False,
+        finish_reply: bool = False,
     ) -> list[GeneratedImage]:
         """Text-to-image for many prompts at once (see the module docstring for seeds and forcing).
 
@@ -180,12 +184,16 @@ class Pipeline:
             seeds: explicit per-sample seeds (``len(prompts) * n_per_prompt``), overriding the derivation.
             previews: keep the per-scale previews.
             lead_in: let the model write its lead-in text before the image instead of forcing the start.
+            finish_reply: after the image, let the reply go on as a chat would, until the model writes
+                ``</s>`` or the text budget ends (``.text`` then holds what follows the image, and
+                ``.finish_reason`` says which ended it); no second image is started. Default: stop at
+                the image.
 
         Returns:
             ``len(prompts) * n_per_prompt`` samples, prompt-major.
         """
         return list(self.iter_images(prompts, n_per_prompt=n_per_prompt, sampling=sampling, batch_size=batch_size,
-                                     seeds=seeds, previews=previews, lead_in=lead_in))
+                                     seeds=seeds, previews=previews, lead_in=lead_in, finish_reply=finish_reply))
 
     def iter_images(
         self,
@@ -197,6 +205,7 @@ class Pipeline:
         seeds: Sequence[int] | None = None,
         previews: bool = False,
         lead_in: bool = False,
+        finish_reply: bool = False,
     ) -> Iterator[GeneratedImage]:
         """:meth:`generate_images` as an iterator: samples are yielded batch by batch, in order.
 
@@ -209,12 +218,12 @@ class Pipeline:
                    for p in prompts]
         items = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
         seeds = self._check_seeds(seeds, sampling, len(items))
-        options = ReplyOptions(max_images=1, min_images=1, stop_after_images=True, previews=previews,
+        options = ReplyOptions(max_images=1, min_images=1, stop_after_images=not finish_reply, previews=previews,
                                text_deltas=False)
         for start, responses in self._batches([encoded[i] for i in items], seeds, sampling, options, batch_size):
             for i, r in zip(items[start:start + len(responses)], responses, strict=True):
                 yield GeneratedImage(prompts[i], r.images[0], r.text, r.seed, r.previews[0] if r.previews else [],
-                                     r.image_codes[0])
+                                     r.image_codes[0], r.finish_reason)
 
     def answer(self, images: Sequence[ImageInput], questions: Sequence[str], *, max_new_tokens: int = 16,
                batch_size: int = 64) -> list[str]:

@@ -66,6 +66,9 @@ class Response:
             that assistant turn's ``"images"`` to continue the conversation exactly.
         previews: per image, the per-scale preview images (empty unless previews were requested).
         seed: the seed of this reply's generator (reproduces it), or None if an explicit generator was used.
+        finish_reason: why the reply ended: ``"stop"`` (the model wrote ``</s>``), ``"length"`` (the text
+            budget ``max_new_tokens`` or the LLM context ran out: the model had not finished) or
+            ``"image"`` (``ReplyOptions.stop_after_images``: ended by the caller after its last image).
     """
 
     text: str
@@ -74,6 +77,7 @@ class Response:
     image_codes: list[list[torch.Tensor]] = field(default_factory=list)
     previews: list[list[Image.Image]] = field(default_factory=list)
     seed: int | None = None
+    finish_reason: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,7 @@ class _Row:
     previews: list[list[Image.Image]] = field(default_factory=list)
     n_text: int = 0
     shown: str = ""
+    finish_reason: str = ""
 
 
 class _ReplyLoop:
@@ -245,7 +250,7 @@ class _ReplyLoop:
         for b, tok in zip(text_rows, chosen, strict=True):
             row = self.rows[b]
             if tok == self.tid.eos:
-                row.status = "done"
+                row.status, row.finish_reason = "done", "stop"
                 continue
             row.n_text += 1
             row.length += 1
@@ -256,7 +261,7 @@ class _ReplyLoop:
                 row.token_ids.append(tok)
                 yield from self._delta(b)
                 if row.n_text >= s.max_new_tokens or row.length >= self.max_pos:
-                    row.status = "done"
+                    row.status, row.finish_reason = "done", "length"
                     continue
             feed[b], active[b] = tok, True
         if any(active):
@@ -328,7 +333,7 @@ class _ReplyLoop:
             yield from self._delta(b, final=True)
             yield ImageDone(b, len(row.images) - 1, images[j], row.codes[-1])
             if o.stop_after_images and len(row.images) >= o.max_images:
-                row.status = "done"
+                row.status, row.finish_reason = "done", "image"
             else:
                 row.status, row.length = "text", row.length + 1
                 active_B[b] = True
@@ -353,7 +358,7 @@ class _ReplyLoop:
         for b, row in enumerate(self.rows):
             yield from self._delta(b, final=True)
             yield ReplyDone(b, Response(self._render(row), row.images, row.token_ids, row.codes, row.previews,
-                                        seeds[b]))
+                                        seeds[b], row.finish_reason))
 
 
 @torch.no_grad()

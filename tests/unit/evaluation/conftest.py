@@ -51,6 +51,7 @@ class StandInPipeline:
         self.replies = {it.prompt: [m.content for m in it.record.messages if m.role == "assistant"][-1]
                         for it in generation_items(records)}
         self.calls = []
+        self.run_on = 0
 
     def answer(self, images, questions, *, max_new_tokens=16):
         self.calls.append(("answer", len(questions), max_new_tokens))
@@ -61,15 +62,21 @@ class StandInPipeline:
             out.append(self.gold[key] if right else "zzz")
         return out
 
-    def generate_images(self, prompts, *, n_per_prompt=1, sampling=None, batch_size=16, previews=False, lead_in=False):
-        self.calls.append(("generate_images", len(prompts), lead_in))
+    def generate_images(self, prompts, *, n_per_prompt=1, sampling=None, batch_size=16, previews=False, lead_in=False,
+                        finish_reply=False):
+        self.calls.append(("generate_images", len(prompts), lead_in, finish_reply))
         out = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
             for k in range(n_per_prompt):
                 img = load_image(self.refs[p]) if self.mode == "right" else Image.new("RGB", (32, 32), (200, 200, 200))
                 strip = [img.resize((s, s), Image.Resampling.BOX) for s in (1, 2, 4)] + [img] if previews else []
-                text = self.replies[p] if lead_in and self.mode == "right" else "Here it is."
-                out.append(SimpleNamespace(prompt=p, image=img, text=text, seed=k, previews=strip))
+                text = self.replies[p] if lead_in and self.mode == "right" else "Here it is.<image_gen>"
+                reason = "image"
+                if finish_reply:  # every ``run_on``-th reply runs on to the text budget after its image
+                    runs_on = self.run_on > 0 and i % self.run_on == 0
+                    text, reason = (text + " ring ring ring", "length") if runs_on else (text, "stop")
+                out.append(SimpleNamespace(prompt=p, image=img, text=text, seed=k, previews=strip,
+                                           finish_reason=reason))
         return out
 
     def chat(self, messages, images=None, sampling=None):

@@ -27,6 +27,7 @@ def test_evaluate_model_right_pipeline(shapes_dir, test_records, stand_in, tmp_p
     assert m["fid_reference"] is not None and m["fid_features"].startswith("project:")
     assert m["generation_reply_accuracy"] == 1.0 and 0 < m["generation_reply_named"] < 1
     assert m["generation_reply_n"] == len([it for it in generation_items(test_records) if it.expected])
+    assert m["generation_reply_runaway"] == m["generation_reply_after_image"] == 0.0  # every reply ends at its image
     assert json.loads(out.read_text())["understanding_accuracy"] == 1.0
     page = (tmp_path / "eval" / "metrics.html").read_text()
     assert m["report"].endswith("metrics.html") and page.count("data:image/png") > 40
@@ -34,11 +35,12 @@ def test_evaluate_model_right_pipeline(shapes_dir, test_records, stand_in, tmp_p
 
 
 def test_evaluate_model_wrong_pipeline_no_fid(shapes_dir, test_records, stand_in):
-    m = evaluate_model(None, shapes_dir, pipeline=stand_in(test_records, "wrong"), max_understanding=10,
-                       max_generation=4)
+    pipe = stand_in(test_records, "wrong")
+    pipe.run_on = 2  # every other reply runs on after its image to the text budget
+    m = evaluate_model(None, shapes_dir, pipeline=pipe, max_understanding=10, max_generation=4, max_replies=10)
     assert m["understanding_accuracy"] == 0.0 and m["generation_accuracy"] == 0.0
     assert m["generation_reply_accuracy"] is None and m["generation_reply_named"] is None  # "Here it is."
-    assert m["generation_reply_n"] > 0
+    assert m["generation_reply_n"] == 10 and m["generation_reply_runaway"] == m["generation_reply_after_image"] == 0.5
     assert m["fid"] is None and m["fid_features"] is None and m["report"] is None
 
 
@@ -59,6 +61,7 @@ def test_evaluate_model_non_shapesworld_data(shapes_dir, test_records, stand_in,
     assert m["generation_accuracy"] is None and m["generation_per_attribute"] is None
     assert m["generation_n_images"] == 3 and m["fid"] is not None
     assert m["generation_reply_accuracy"] is None and m["generation_reply_n"] == 0  # no oracle vocabulary
+    assert m["generation_reply_runaway"] is None
 
 
 @pytest.mark.parametrize("bad", [{"max_generation": -3}, {"max_replies": -1}, {"max_understanding": -1},

@@ -95,8 +95,9 @@ def test_replies_of_a_right_and_a_wrong_model(shapes_dir, test_records, stand_in
     pipe = stand_in(test_records, "right")
     res = evaluate_replies(pipe, test_records, world, max_prompts=None)
     n = len([it for it in generation_items(test_records) if it.expected])
-    assert pipe.calls == [("generate_images", n, True)]  # the model writes its own lead-in
+    assert pipe.calls == [("generate_images", n, True, True)]  # the model writes its own lead-in and ending
     assert res["n"] == n and set(res["accuracy"]) == set(REPLY_KEYS)
+    assert res["runaway"] == 0.0 and res["after_image"] == 0.0  # the dataset's replies end at the image
     assert all(v == 1.0 for v in res["accuracy"].values()), res["accuracy"]  # the dataset's own replies
     assert 0 < res["named"]["all"] < 1  # some of them ("Sure.") name nothing
     s = next(s for s in res["samples"] if s["named"])
@@ -111,6 +112,20 @@ def test_replies_of_a_right_and_a_wrong_model(shapes_dir, test_records, stand_in
     wrong = evaluate_replies(pipe, test_records, world, max_prompts=None)
     assert wrong["accuracy"]["colour"] < 0.1 and wrong["accuracy"]["all"] < 0.1, wrong["accuracy"]
     assert wrong["accuracy"]["shape"] == 1.0 and wrong["named"] == res["named"]
+
+
+def test_replies_that_run_on_after_the_image(shapes_dir, test_records, stand_in):
+    world = load_world(shapes_dir)
+    pipe = stand_in(test_records, "right")
+    pipe.run_on = 4  # every 4th reply goes on "... <image_gen> ring ring ring" to the text budget
+    res = evaluate_replies(pipe, test_records, world, max_prompts=20)
+    assert res["n"] == 20 and res["runaway"] == res["after_image"] == 0.25
+    assert [s["finish_reason"] for s in res["samples"][:4]] == ["length", "stop", "stop", "stop"]
+    assert res["accuracy"]["all"] == 1.0  # the words after the image ("ring") are not the lead-in's
+    stopped = evaluate_replies(pipe, test_records, world, max_prompts=20, finish_reply=False)
+    assert pipe.calls[-1] == ("generate_images", 20, True, False)
+    assert stopped["runaway"] is None and stopped["after_image"] is None
+    assert {s["finish_reason"] for s in stopped["samples"]} == {"image"}
 
 
 # --------------------------------------------------------------------------------------------------

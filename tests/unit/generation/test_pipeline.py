@@ -56,6 +56,20 @@ def test_reply_with_text_image_text(pipe):
     assert [c.shape for c in r.image_codes[0]] == [(pn * pn,) for pn in cfg.vqvae.patch_nums]
 
 
+def test_finish_reason_says_what_ended_the_reply(pipe):
+    greedy = dataclasses.replace(SAMPLED, text_temperature=0.0)
+    assert pipe.chat(DRAW, sampling=greedy).finish_reason == "stop"  # the model wrote </s>
+    cut = pipe.chat(DRAW, sampling=dataclasses.replace(greedy, max_new_tokens=3))
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 3
+    assert f"here{IMAGE_GEN} and more".startswith(cut.text)
+    # text-to-image stops at the image unless asked to finish the reply as a chat would
+    at_image = pipe.generate_images(["please draw a red circle"], sampling=greedy, lead_in=True)[0]
+    assert (at_image.text, at_image.finish_reason) == (f"here{IMAGE_GEN}", "image")
+    whole = pipe.generate_images(["please draw a red circle"], sampling=greedy, lead_in=True, finish_reply=True)[0]
+    assert (whole.text, whole.finish_reason) == (f"here{IMAGE_GEN} and more", "stop")
+    assert _same_codes(whole.codes, at_image.codes)  # same seed: the image is the same either way
+
+
 def test_max_images_zero_gives_text_only(pipe):
     r = pipe.chat(DRAW, sampling=dataclasses.replace(SAMPLED, text_temperature=0.0, max_images=0))
     assert r.images == [] and IMAGE_GEN not in r.text and r.text
