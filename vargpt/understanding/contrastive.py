@@ -17,7 +17,9 @@ question selects the object and the attribute, the image the value; softmax over
 the normalised multi-hot answer). Reason: from scratch and in about a minute of CPU,
 contrastive learning (alone, or with a bag-of-caption-tokens loss) learns colour but not shape (linear
 probes on the features stay near 40 % shape accuracy after 300 steps), while a question-conditioned
-answer loss gives the tower a direct, classification-like signal for every attribute.
+answer loss gives the tower a direct, classification-like signal for every attribute. A batch can ask
+several questions about one image (``question_pair_M``): the image is encoded once and every question's
+answer is predicted from it (:class:`vargpt.training.base_vision.PairData` asks all of an image's questions).
 """
 
 from __future__ import annotations
@@ -97,36 +99,48 @@ class ContrastiveModel(nn.Module):
 
     def forward(
         self, pixels_B3HW: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor,
-        positives_BB: torch.Tensor, *, question_ids_BQ: torch.Tensor | None = None,
-        question_mask_BQ: torch.Tensor | None = None, answer_targets_BV: torch.Tensor | None = None,
+        positives_BB: torch.Tensor, *, question_ids_UQ: torch.Tensor | None = None,
+        question_mask_UQ: torch.Tensor | None = None, answer_targets_MV: torch.Tensor | None = None,
+        question_index_M: torch.Tensor | None = None, question_pair_M: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses of a batch of pairs.
+        """Losses of a batch of B pairs and M questions about their images.
 
         Args:
             positives_BB: ``[i, j]`` True when pair i's image matches pair j's text.
-            question_ids_BQ / question_mask_BQ: the question asked about each image (answer loss).
-            answer_targets_BV: multi-hot answer tokens (rows without a target are skipped).
+            question_ids_UQ / question_mask_UQ: the distinct question texts of the batch (answer loss).
+            answer_targets_MV: multi-hot answer tokens of each question (rows without a target are skipped).
+            question_index_M: which row of ``question_ids_UQ`` is question m's text (default: row m).
+            question_pair_M: which pair's image question m is about (default: pair m).
 
         Returns:
-            ``{"contrastive": ..., "answer": ...}`` (``answer`` only with the head and its inputs), and
-            ``(B,)`` detached per-pair terms ``"contrastive_per_sample"`` / ``"answer_per_sample"`` (0 for a
-            pair without a question) for hard-example replay.
+            ``{"contrastive": ..., "answer": ...}`` (``answer`` only with the head and at least one question),
+            and ``(B,)`` detached per-pair terms ``"contrastive_per_sample"`` / ``"answer_per_sample"`` (the
+            mean over the pair's questions; 0 for a pair without one) for hard-example replay.
         """
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP clamps the scale at 100
         pooled_BF, patches_BPF = self._image_outputs(pixels_B3HW)
         image_BE = F.normalize(self.visual_projection(pooled_BF), dim=-1)
         per_B = contrastive_loss(image_BE, self.encode_text(ids_BT, mask_BT), scale, positives_BB, reduction="none")
         out = {"contrastive": per_B.mean(), "contrastive_per_sample": per_B.detach()}
-        if self.answer_image_head is not None and answer_targets_BV is not None:
-            question_BW = self.text_encoder(question_ids_BQ, question_mask_BQ)
-            query_BF = self.answer_query(question_BW)
-            attn_BP = torch.softmax(torch.einsum("bpf,bf->bp", patches_BPF, query_BF) / patches_BPF.shape[-1] ** 0.5,
-                                    dim=-1)
-            attended_BF = torch.einsum("bp,bpf->bf", attn_BP, patches_BPF)
-            logits_BV = self.answer_image_head(attended_BF) + self.answer_question_head(question_BW)
-            out["answer"] = multi_hot_cross_entropy(logits_BV, answer_targets_BV)
-            out["answer_per_sample"] = multi_hot_cross_entropy(logits_BV, answer_targets_BV,
-                                                               reduction="none").detach()
+        if self.answer_image_head is None or answer_targets_MV is None or answer_targets_MV.shape[0] == 0:
+            return out
+        M, device = answer_targets_MV.shape[0], answer_targets_MV.device
+        index_M = question_index_M if question_index_M is not None else torch.arange(M, device=device)
+        pair_M = question_pair_M if question_pair_M is not None else torch.arange(M, device=device)
+        question_MW = self.text_encoder(question_ids_UQ, question_mask_UQ)[index_M]
+        patches_MPF = patches_BPF[pair_M]
+        query_MF = self.answer_query(question_MW)
+        attn_MP = torch.softmax(torch.einsum("mpf,mf->mp", patches_MPF, query_MF) / patches_MPF.shape[-1] ** 0.5,
+                                dim=-1)
+        attended_MF = torch.einsum("mp,mpf->mf", attn_MP, patches_MPF)
+        logits_MV = self.answer_image_head(attended_MF) + self.answer_question_head(question_MW)
+        out["answer"] = multi_hot_cross_entropy(logits_MV, answer_targets_MV)
+        per_M = multi_hot_cross_entropy(logits_MV, answer_targets_MV, reduction="none").detach()
+        asked_M = answer_targets_MV.any(1).to(per_M.dtype)
+        B = pixels_B3HW.shape[0]
+        sum_B = per_M.new_zeros(B).index_add_(0, pair_M, per_M * asked_M)
+        n_B = per_M.new_zeros(B).index_add_(0, pair_M, asked_M)
+        out["answer_per_sample"] = sum_B / n_B.clamp_min(1.0)
         return out
 
 

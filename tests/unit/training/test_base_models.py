@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,6 +46,44 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
     write_dataset(root / "data", n_train=80, n_test=12, seed=0, progress=False)
     return root
+
+
+def test_vision_pairs_ask_every_question_about_their_image(tiny_data):
+    from vargpt.data.records import load_records
+    from vargpt.training.base_text import train_text_tokenizer
+    from vargpt.training.base_vision import build_pairs, question_answer
+    from vargpt.understanding.vision_tower import ImageProcessor
+
+    records = load_records(tiny_data / "data", "train")
+    train_text_tokenizer(tiny_data / "data", tiny_data / "tok_pairs", preset="tiny")
+    tok = load_text_tokenizer(tiny_data / "tok_pairs")
+    proc = ImageProcessor(32, (0.5,) * 3, (0.5,) * 3)
+    data, _ = build_pairs(records, [], tok, proc, max_text_len=64)
+    asked = {}  # image path -> the distinct (question, answer) texts of its records
+    for r in records:
+        qa = question_answer(r)
+        if r.input_images and qa:
+            asked.setdefault(r.input_images[0], set()).add(qa)
+    first = records[0].input_images[0]
+    n_first = len(asked[first])
+    assert n_first >= 5  # ShapesWorld: a caption request and five questions per image
+    pairs = data.pairs[:2]  # two pairs about the first image, then one about another
+    other = next(p for p in data.pairs if p.image != pairs[0].image)
+    batch = data.collate([*pairs, other])
+    assert batch["question_pair"].tolist().count(0) == batch["question_pair"].tolist().count(1) == n_first
+    n_other = len(data.image_questions[other.image])
+    M = batch["answers"].shape[0]
+    assert n_other >= 5 and M == 2 * n_first + n_other and batch["question_pair"].tolist().count(2) == n_other
+    # each distinct question text is encoded once; every question points at its own text
+    U = batch["question_ids"].shape[0]
+    assert U < M and sorted(set(batch["question_index"].tolist())) == list(range(U))
+    texts = [tok.decode(row[m.bool()]) for row, m in zip(batch["question_ids"], batch["question_mask"], strict=True)]
+    got = {(texts[u], tok.decode(batch["answers"][m].nonzero().flatten().tolist()))
+           for m, u in enumerate(batch["question_index"].tolist()) if batch["question_pair"][m] == 0}
+    assert {q for q, _ in got} == {q for q, _ in asked[first]}
+    # without every_question a pair carries only its own record's question
+    own = dataclasses.replace(data, every_question=False).collate([*pairs, other])
+    assert own["question_pair"].tolist() == [0, 1, 2] and own["answers"].sum(1).ge(1).all()
 
 
 @pytest.mark.slow
