@@ -127,8 +127,10 @@ class ContrastiveModel(nn.Module):
         M, device = answer_targets_MV.shape[0], answer_targets_MV.device
         index_M = question_index_M if question_index_M is not None else torch.arange(M, device=device)
         pair_M = question_pair_M if question_pair_M is not None else torch.arange(M, device=device)
-        question_MW = self.text_encoder(question_ids_UQ, question_mask_UQ)[index_M]
-        patches_MPF = patches_BPF[pair_M]
+        # index_select, not advanced indexing: its backward (index_add_) sums repeated rows in a fixed order on
+        # CPU, so runs are bitwise reproducible; x[idx]'s backward (index_put_ with accumulate) is not
+        question_MW = torch.index_select(self.text_encoder(question_ids_UQ, question_mask_UQ), 0, index_M)
+        patches_MPF = torch.index_select(patches_BPF, 0, pair_M)
         query_MF = self.answer_query(question_MW)
         attn_MP = torch.softmax(torch.einsum("mpf,mf->mp", patches_MPF, query_MF) / patches_MPF.shape[-1] ** 0.5,
                                 dim=-1)
