@@ -229,9 +229,10 @@ def train_vision_tower(
             question text is encoded once per batch. Why: the signal the tower lacked was the hard
             attribute's (shape); asked once per image among other questions it is ~1/6 of each batch.
             On ShapesWorld (session 17, same data, 2 threads) a linear probe of the features reads
-            one-object shape 0.916 instead of 0.72 (an attention probe: colour-by-shape 0.95 vs 0.88,
-            shape-by-colour 0.90 vs 0.72), and the base LLaVA built on it answers held-out colour and shape
-            questions 0.863 instead of 0.741, for ~15-30 % more tower time (README).
+            one-object shape 0.90 instead of 0.72 (an attention probe: colour-by-shape 0.95 vs 0.88,
+            shape-by-colour 0.89 vs 0.72), and the base LLaVA built on it answers held-out colour and shape
+            questions 0.749 / 0.815 / 0.844 (LLaVA seeds 0 / 1 / 2) instead of 0.741 / 0.785 / 0.789, for
+            ~20 % more tower time (README).
         train_cfg / overrides: optimiser recipe (default :data:`VISION_TRAIN`) and field overrides.
         tower_overrides: replace fields of the preset's :class:`~vargpt.config.VisionTowerConfig`
             (stored in the checkpoint, so later steps follow).
