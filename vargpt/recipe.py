@@ -350,6 +350,7 @@ def _collect_metrics(steps: dict[str, Any], *, preset: str, seed: int, total: fl
         "generation_accuracy": ev.get("generation_accuracy"),
         "generation_reply_accuracy": ev.get("generation_reply_accuracy"),
         "generation_reply_runaway": ev.get("generation_reply_runaway"),
+        "generation_reply_forced_image": ev.get("generation_reply_forced_image"),
         "tokenizer_oracle_accuracy": ev.get("tokenizer_oracle_accuracy", tok.get("oracle_accuracy")),
         "tokenizer_psnr": tok.get("psnr"),
         "fid": ev.get("fid"),

@@ -249,7 +249,9 @@ def evaluate_replies(
         (accuracies over prompts whose colour x shape combination was / was not in training),
         "runaway" (share of replies still going when the text budget ran out: the model did not end its
         reply; None without ``finish_reply``), "after_image" (share with any text after the image;
-        ShapesWorld's own replies have none; None without ``finish_reply``), "samples": [{"prompt",
+        ShapesWorld's own replies have none; None without ``finish_reply``), "forced_image" (share of replies
+        that had not started the image when their text budget ran out: asked to draw, the model wrote text
+        instead; its image was then forced), "samples": [{"prompt",
         "reply", "expected", "named", "combo_seen", "finish_reason"}]}``; keys in :data:`REPLY_KEYS`
         (``all``: every named attribute right); a key is absent when no reply names it.
     """
@@ -262,12 +264,13 @@ def evaluate_replies(
     overall: dict[str, list[bool]] = defaultdict(list)
     by_combo: dict[bool, dict[str, list[bool]]] = {True: defaultdict(list), False: defaultdict(list)}
     samples = []
-    runaway = after_image = 0
+    runaway = after_image = forced = 0
     for it, res in zip(items, results, strict=True):
         text = str(getattr(res, "text", "") or "")
         lead_in, _, tail = text.partition(IMAGE_GEN)
         reason = getattr(res, "finish_reason", None)
         runaway += reason == "length"
+        forced += bool(getattr(res, "image_forced", False))
         after_image += bool(tail.strip())
         named = reply_names(lead_in, it.expected, world)
         for key, ok in named.items():
@@ -280,13 +283,14 @@ def evaluate_replies(
     def rates(hits: Mapping[str, list[bool]]) -> dict[str, float]:
         return {k: round(sum(hits[k]) / len(hits[k]), 4) for k in REPLY_KEYS if hits.get(k)}
 
-    def share(count: int) -> float | None:
-        return round(count / len(items), 4) if finish_reply and items else None
+    def share(count: int, *, needs_finish: bool = True) -> float | None:
+        return round(count / len(items), 4) if items and (finish_reply or not needs_finish) else None
 
     return {"n": len(items), "accuracy": rates(overall),
             "named": {k: round(len(overall[k]) / len(items), 4) for k in REPLY_KEYS if overall.get(k)},
             "seen": rates(by_combo[True]), "unseen": rates(by_combo[False]), "runaway": share(runaway),
-            "after_image": share(after_image), "samples": samples}
+            "after_image": share(after_image), "forced_image": share(forced, needs_finish=False),
+            "samples": samples}
 
 
 # --------------------------------------------------------------------------------------------------

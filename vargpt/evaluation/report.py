@@ -176,6 +176,8 @@ def _headline(metrics: Mapping[str, Any]) -> str:
              ("generation accuracy (colour+shape)", metrics.get("generation_accuracy"), True),
              ("replies name what was asked", metrics.get("generation_reply_accuracy"), True),
              ("replies that never end (lower is better)", metrics.get("generation_reply_runaway"), True),
+             ("drawing requests answered without drawing (lower is better)",
+              metrics.get("generation_reply_forced_image"), True),
              ("FID (project features)", metrics.get("fid"), False),
              ("FID real vs real (floor)", metrics.get("fid_reference"), False)]
     out = []

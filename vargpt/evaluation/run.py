@@ -129,7 +129,8 @@ def evaluate_model(
         "generation_reply_seen", "generation_reply_unseen", "generation_reply_n",
         "generation_reply_runaway" (share of those replies that had not ended when the text budget ran out:
         the model did not stop after its image), "generation_reply_after_image" (share with text after
-        the image),
+        the image), "generation_reply_forced_image" (share that had not started an image when the text
+        budget ran out: asked to draw, the model only wrote),
         "fid", "fid_reference", "fid_n_generated", "fid_n_real", "fid_note" (why ``fid`` is null),
         "fid_features", "tokenizer_oracle_accuracy" (and the other keys of
         :func:`vargpt.evaluation.tokenizer.tokenizer_oracle_scores`; ShapesWorld only, else null),
@@ -167,7 +168,7 @@ def evaluate_model(
                               max_prompts=max_generation, batch_size=batch_size)
     t_gen = time.perf_counter()
     replies: dict[str, Any] = {"n": 0, "accuracy": {}, "named": {}, "seen": {}, "unseen": {}, "runaway": None,
-                               "after_image": None, "samples": []}
+                               "after_image": None, "forced_image": None, "samples": []}
     if world is not None and max_replies != 0:
         replies = evaluate_replies(pipeline, records, world, sampling=sampling, max_prompts=max_replies,
                                    batch_size=batch_size)
@@ -200,6 +201,7 @@ def evaluate_model(
         "generation_reply_seen": replies["seen"] or None, "generation_reply_unseen": replies["unseen"] or None,
         "generation_reply_n": replies["n"], "generation_reply_runaway": replies["runaway"],
         "generation_reply_after_image": replies["after_image"],
+        "generation_reply_forced_image": replies["forced_image"],
         **fid, "fid_features": feature_name if extractor is not None else None, **tok,
         "seconds": {"load": round(t_load - t0, 2), "understanding": round(t_und - t_load, 2),
                     "generation": round(t_gen - t_und, 2), "replies": round(t_rep - t_gen, 2),

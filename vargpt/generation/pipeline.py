@@ -76,6 +76,8 @@ class GeneratedImage:
         codes: per-scale codes, S tensors (pn^2,).
         finish_reason: ``"image"`` (ended after the image, the default), or with ``finish_reply=True``
             the reply's own ending: ``"stop"`` or ``"length"`` (:class:`~vargpt.generation.reply.Response`).
+        image_forced: with ``lead_in=True``, the model had not started the image itself when its text budget
+            ran out, so the start was forced (it wrote text instead of drawing).
     """
 
     prompt: str
@@ -85,6 +87,7 @@ class GeneratedImage:
     previews: list[Image.Image] = field(default_factory=list)
     codes: list[torch.Tensor] = field(default_factory=list)
     finish_reason: str = "image"
+    image_forced: bool = False
 
 
 class Pipeline:
@@ -223,7 +226,7 @@ class Pipeline:
         for start, responses in self._batches([encoded[i] for i in items], seeds, sampling, options, batch_size):
             for i, r in zip(items[start:start + len(responses)], responses, strict=True):
                 yield GeneratedImage(prompts[i], r.images[0], r.text, r.seed, r.previews[0] if r.previews else [],
-                                     r.image_codes[0], r.finish_reason)
+                                     r.image_codes[0], r.finish_reason, r.forced_images > 0)
 
     def answer(self, images: Sequence[ImageInput], questions: Sequence[str], *, max_new_tokens: int = 16,
                batch_size: int = 64) -> list[str]:

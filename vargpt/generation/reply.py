@@ -69,6 +69,9 @@ class Response:
         finish_reason: why the reply ended: ``"stop"`` (the model wrote ``</s>``), ``"length"`` (the text
             budget ``max_new_tokens`` or the LLM context ran out: the model had not finished) or
             ``"image"`` (``ReplyOptions.stop_after_images``: ended by the caller after its last image).
+        forced_images: how many of the images the loop started itself because ``ReplyOptions.min_images``
+            was not yet met and the text budget or the context was about to run out (0: the model started
+            every image on its own).
     """
 
     text: str
@@ -78,6 +81,7 @@ class Response:
     previews: list[list[Image.Image]] = field(default_factory=list)
     seed: int | None = None
     finish_reason: str = "stop"
+    forced_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ class _Row:
     n_text: int = 0
     shown: str = ""
     finish_reason: str = ""
+    forced_images: int = 0
 
 
 class _ReplyLoop:
@@ -247,8 +252,10 @@ class _ReplyLoop:
                              top_p=s.text_top_p, generators=[self.generators[b] for b in text_rows],
                              banned_BV=banned, forced_B=forced).tolist()
         feed, active = [self.tid.pad] * self.B, [False] * self.B
-        for b, tok in zip(text_rows, chosen, strict=True):
+        forced_ids = forced.tolist() if forced is not None else [-1] * len(text_rows)
+        for b, tok, forced_id in zip(text_rows, chosen, forced_ids, strict=True):
             row = self.rows[b]
+            row.forced_images += forced_id == self.tid.image_gen_start
             if tok == self.tid.eos:
                 row.status, row.finish_reason = "done", "stop"
                 continue
@@ -358,7 +365,7 @@ class _ReplyLoop:
         for b, row in enumerate(self.rows):
             yield from self._delta(b, final=True)
             yield ReplyDone(b, Response(self._render(row), row.images, row.token_ids, row.codes, row.previews,
-                                        seeds[b], row.finish_reason))
+                                        seeds[b], row.finish_reason, row.forced_images))
 
 
 @torch.no_grad()

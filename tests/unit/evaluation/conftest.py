@@ -52,6 +52,7 @@ class StandInPipeline:
                         for it in generation_items(records)}
         self.calls = []
         self.run_on = 0
+        self.no_draw = 0
 
     def answer(self, images, questions, *, max_new_tokens=16):
         self.calls.append(("answer", len(questions), max_new_tokens))
@@ -75,8 +76,9 @@ class StandInPipeline:
                 if finish_reply:  # every ``run_on``-th reply runs on to the text budget after its image
                     runs_on = self.run_on > 0 and i % self.run_on == 0
                     text, reason = (text + " ring ring ring", "length") if runs_on else (text, "stop")
+                forced = self.no_draw > 0 and i % self.no_draw == 1  # the model wrote on; the start was forced
                 out.append(SimpleNamespace(prompt=p, image=img, text=text, seed=k, previews=strip,
-                                           finish_reason=reason))
+                                           finish_reason=reason, image_forced=forced))
         return out
 
     def chat(self, messages, images=None, sampling=None):

@@ -98,6 +98,7 @@ def test_replies_of_a_right_and_a_wrong_model(shapes_dir, test_records, stand_in
     assert pipe.calls == [("generate_images", n, True, True)]  # the model writes its own lead-in and ending
     assert res["n"] == n and set(res["accuracy"]) == set(REPLY_KEYS)
     assert res["runaway"] == 0.0 and res["after_image"] == 0.0  # the dataset's replies end at the image
+    assert res["forced_image"] == 0.0  # and start it themselves
     assert all(v == 1.0 for v in res["accuracy"].values()), res["accuracy"]  # the dataset's own replies
     assert 0 < res["named"]["all"] < 1  # some of them ("Sure.") name nothing
     s = next(s for s in res["samples"] if s["named"])
@@ -122,9 +123,12 @@ def test_replies_that_run_on_after_the_image(shapes_dir, test_records, stand_in)
     assert res["n"] == 20 and res["runaway"] == res["after_image"] == 0.25
     assert [s["finish_reason"] for s in res["samples"][:4]] == ["length", "stop", "stop", "stop"]
     assert res["accuracy"]["all"] == 1.0  # the words after the image ("ring") are not the lead-in's
+    pipe.no_draw = 5  # replies 1, 6, 11, 16 write on instead of drawing: their images were forced
+    res = evaluate_replies(pipe, test_records, world, max_prompts=20)
+    assert res["forced_image"] == 0.2 and res["runaway"] == 0.25
     stopped = evaluate_replies(pipe, test_records, world, max_prompts=20, finish_reply=False)
     assert pipe.calls[-1] == ("generate_images", 20, True, False)
-    assert stopped["runaway"] is None and stopped["after_image"] is None
+    assert stopped["runaway"] is None and stopped["after_image"] is None and stopped["forced_image"] == 0.2
     assert {s["finish_reason"] for s in stopped["samples"]} == {"image"}
 
 

@@ -68,6 +68,11 @@ def test_finish_reason_says_what_ended_the_reply(pipe):
     whole = pipe.generate_images(["please draw a red circle"], sampling=greedy, lead_in=True, finish_reply=True)[0]
     assert (whole.text, whole.finish_reason) == (f"here{IMAGE_GEN} and more", "stop")
     assert _same_codes(whole.codes, at_image.codes)  # same seed: the image is the same either way
+    assert not at_image.image_forced and pipe.chat(DRAW, sampling=greedy).forced_images == 0  # it drew on its own
+    # a text budget of 2 ends before "here" (3 tokens) does: the loop must force the image start
+    short = pipe.generate_images(["please draw a red circle"], sampling=dataclasses.replace(greedy, max_new_tokens=2),
+                                 lead_in=True)[0]
+    assert short.image_forced and short.text.endswith(IMAGE_GEN) and len(short.codes) == len(at_image.codes)
 
 
 def test_max_images_zero_gives_text_only(pipe):
