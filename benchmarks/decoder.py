@@ -6,10 +6,15 @@
 Reported:
 
 * ``oracle_accuracy``: ShapesWorld oracle colour+shape accuracy of ``--samples-per-class`` samples of
-  every training class at the preset's default sampling settings (``VARGPTConfig.sampling``);
-  ``oracle_min_class_accuracy`` is the worst class, ``classes_below_90`` lists classes under 0.9;
+  every colour+shape pair of the training classes at the preset's default sampling settings
+  (``VARGPTConfig.sampling``); ``oracle_min_class_accuracy`` is the worst pair, ``classes_below_90`` lists
+  pairs under 0.9;
   ``oracle_accuracy_tokenizer_reconstructions`` (the same oracle on the tokenizer's reconstructions of
   held-out images of those classes) is the ceiling the tokenizer sets.
+* ``oracle_layout_*_accuracy`` (ShapesWorld's default data, whose generation records' classes name the
+  layout): classes ``"{size} {colour} {shape} {position}"``, ``--samples-per-class`` samples per
+  colour+shape pair cycling through its layouts, each judged on colour, shape, size and position;
+  ``oracle_plain_*_accuracy`` the same for ``"{colour} {shape}"`` classes (``--plain-classes`` data).
 * ``train_seconds`` (the optimisation loop) and ``tokenize_seconds`` (one pass of the frozen VQ-VAE).
 * ``speedup_kv_cache``: wall time of a cache-less loop (every scale re-runs the whole prefix with the
   block-causal bias, same weights and sampler) over the KV-cached loop, batch ``--kv-batch``, codes
@@ -81,36 +86,61 @@ def _timed(*fns, repeats: int) -> list[float]:  # noqa: ANN002
 
 
 def oracle_eval(decoder, vqvae, classes, world, sampling, per_class: int, seed: int, grid: Path | None) -> dict:  # noqa: ANN001
-    """Sample ``per_class`` images of every class and judge colour+shape with the ShapesWorld oracle."""
-    labels = torch.arange(len(classes)).repeat_interleave(per_class)
+    """Sample the decoder's classes and judge the samples with the ShapesWorld oracle on what each names.
+
+    ``"{colour} {shape}"`` classes get ``per_class`` samples each; classes that also name a size and
+    position (ShapesWorld's layout classes) get ``per_class`` samples per colour+shape pair, cycling
+    through that pair's layouts. ``oracle_accuracy`` is colour+shape over all samples, per pair first
+    (so each pair counts once); ``oracle_plain_*`` / ``oracle_layout_*`` split it by kind of class.
+    """
+    attrs = [world.class_attributes(c) for c in classes]
+    plain = [i for i, a in enumerate(attrs) if set(a) == {"colour", "shape"}]
+    by_pair: dict[tuple[str, str], list[int]] = {}
+    for i, a in enumerate(attrs):
+        if set(a) > {"colour", "shape"}:
+            by_pair.setdefault((a["colour"], a["shape"]), []).append(i)
+    layout = [ids[k % len(ids)] for _, ids in sorted(by_pair.items()) for k in range(per_class)]
+    labels = torch.tensor([i for i in plain for _ in range(per_class)] + layout, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     images = torch.cat([generate_class_images(decoder, vqvae, labels[i:i + 128], sampling=sampling,
                                               generator=gen).images_B3HW for i in range(0, len(labels), 128)])
-    hits = {k: torch.zeros(len(classes)) for k in ("colour", "shape", "colour+shape")}
-    for label, img in zip(labels.tolist(), to_pil(images), strict=True):
-        colour, shape = classes[label].split(" ", 1)
-        verdict = judge(img, {"colour": colour, "shape": shape}, world)
-        for k in hits:
-            hits[k][label] += float(verdict[k])
-    per_cls = hits["colour+shape"] / per_class
+    pil = to_pil(images)
+    verdicts = [judge(img, attrs[label], world) for label, img in zip(labels.tolist(), pil, strict=True)]
+    per_pair: dict[str, list[bool]] = {}
+    for label, v in zip(labels.tolist(), verdicts, strict=True):
+        per_pair.setdefault(f"{attrs[label]['colour']} {attrs[label]['shape']}", []).append(v["colour+shape"])
+    pair_acc = {k: sum(v) / len(v) for k, v in per_pair.items()}
+    n_plain = len(plain) * per_class
+
+    def rates(vs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+        return {k: round(sum(v[k] for v in vs) / len(vs), 4) for k in keys}
+
+    report: dict = {
+        "oracle_accuracy": round(sum(pair_acc.values()) / len(pair_acc), 4),
+        "oracle_colour_accuracy": rates(verdicts, ("colour",))["colour"],
+        "oracle_shape_accuracy": rates(verdicts, ("shape",))["shape"],
+        "oracle_min_class_accuracy": round(min(pair_acc.values()), 4),
+        "classes_below_90": sorted(k for k, a in pair_acc.items() if a < 0.9),
+        "samples_per_class": per_class, "num_classes": len(classes), "colour_shape_pairs": len(pair_acc),
+    }
+    if plain:
+        report |= {f"oracle_plain_{k.replace('+', '_')}_accuracy": v
+                   for k, v in rates(verdicts[:n_plain], ("colour+shape", "colour", "shape")).items()}
+    if layout:
+        keys = ("colour+shape", "colour", "shape", "size", "position")
+        report |= {f"oracle_layout_{k.replace('+', '_')}_accuracy": v
+                   for k, v in rates(verdicts[n_plain:], keys).items()}
+        report["layout_classes"] = sum(len(v) for v in by_pair.values())
     if grid is not None:
         from PIL import Image
 
-        pil = to_pil(images)
         side = pil[0].size[0]
-        canvas = Image.new("RGB", (side * per_class, side * len(classes)))
+        rows = (len(pil) + per_class - 1) // per_class
+        canvas = Image.new("RGB", (side * per_class, side * rows))
         for i, im in enumerate(pil):
             canvas.paste(im, ((i % per_class) * side, (i // per_class) * side))
         canvas.save(grid)
-    return {
-        "oracle_accuracy": round(float(per_cls.mean()), 4),
-        "oracle_colour_accuracy": round(float(hits["colour"].sum() / len(labels)), 4),
-        "oracle_shape_accuracy": round(float(hits["shape"].sum() / len(labels)), 4),
-        "oracle_min_class_accuracy": round(float(per_cls.min()), 4),
-        "classes_below_90": [classes[i] for i in (per_cls < 0.9).nonzero().flatten().tolist()],
-        "samples_per_class": per_class,
-        "num_classes": len(classes),
-    }
+    return report
 
 
 @torch.no_grad()
@@ -131,7 +161,9 @@ def heldout_class_images(vqvae, data_dir: str, classes: list[str], limit: int) -
     """At most ``limit`` (image, class) pairs of the test split (train if none) whose class is in
     ``classes``, and the images as a tensor in [-1, 1] (None when there is no pair)."""
     split = "test" if (Path(data_dir) / "test.jsonl").is_file() else "train"
-    pairs = [p for p in class_pairs(load_records(data_dir, split)) if p[1] in classes][:limit]
+    seen: set[Path] = set()  # one pair per image (a generation record may name the layout too)
+    pairs = [p for p in class_pairs(load_records(data_dir, split))
+             if p[1] in classes and p[0] not in seen and not seen.add(p[0])][:limit]
     if not pairs:
         return pairs, None
     return pairs, torch.stack([image_to_tensor(load_image(path, vqvae.cfg.image_size)) for path, _ in pairs])
@@ -142,8 +174,8 @@ def oracle_hits(images, class_names: list[str], world) -> dict[str, int]:  # noq
     ``"{colour} {shape}"`` class names."""
     hits = {"colour": 0, "shape": 0, "colour+shape": 0}
     for img, cls in zip(images, class_names, strict=True):
-        colour, shape = cls.split(" ", 1)
-        verdict = judge(img, {"colour": colour, "shape": shape}, world)
+        named = world.class_attributes(cls)
+        verdict = judge(img, {"colour": named["colour"], "shape": named["shape"]}, world)
         for key in hits:
             hits[key] += int(verdict[key])
     return hits

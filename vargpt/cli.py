@@ -31,7 +31,7 @@ def _data_shapesworld(a: argparse.Namespace) -> None:
     from vargpt.data.shapesworld import write_dataset
 
     _print_json(write_dataset(a.out, n_train=a.n_train, n_test=a.n_test, seed=a.seed,
-                              image_size=a.image_size, progress=not a.quiet))
+                              image_size=a.image_size, progress=not a.quiet, layout_classes=not a.plain_classes))
 
 
 def _data_validate(a: argparse.Namespace) -> None:
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=32)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--plain-classes", action="store_true",
+                   help="caption-based generation records get the class '{colour} {shape}' instead of "
+                        "'{size} {colour} {shape} {position}'")
     s.set_defaults(func=_data_shapesworld)
     s = data.add_parser("validate", help="check a dataset folder in the README format")
     s.add_argument("--data", type=Path, required=True)

@@ -724,7 +724,10 @@ def _tiny() -> VARGPTConfig:
             z_channels=16, vocab_size=64, share_quant_resi=4, patch_nums=(1, 2, 3, 4, 6, 8),
         ),
         visual_decoder=VisualDecoderConfig(
-            depth=4, width=128, num_heads=4, drop_path_rate=0.0, num_classes=64,
+            # num_classes: the decoder pretrains on ShapesWorld's generation classes "{size} {colour} {shape}
+            # {position}" (up to 560 seen; 56 "{colour} {shape}" with --plain-classes); named classes are
+            # composed of word embeddings, so the unused table rows cost parameters only.
+            depth=4, width=128, num_heads=4, drop_path_rate=0.0, num_classes=1024,
             init_adaln_gamma=1e-3, loss_weighting="power", loss_power=2.0, rope_2d=True,
             class_embed="words",
         ),

@@ -93,10 +93,14 @@ def class_pairs(records: list[Record]) -> list[tuple[Path, str]]:
     """Distinct (image, class) pairs of the records that carry a class, in first-seen order.
 
     The image is the record's generated image when it has one (a class-to-image sample), else its
-    first image.
+    first image. When some generation record carries a class, only generation records count: the
+    class of a class-to-image sample is what the decoder is asked to draw, while an understanding
+    record's class may say less about the same image (ShapesWorld's layout classes: a question's
+    record is "red star", the drawing instruction "small red star left").
     """
+    generation = [r for r in records if r.cls is not None and r.generated_images]
     pairs: dict[tuple[Path, str], None] = {}
-    for rec in records:
+    for rec in generation or records:
         if rec.cls is None or not rec.images:
             continue
         image = (rec.generated_images or list(rec.images))[0]

@@ -90,8 +90,49 @@ def test_records_are_valid(dataset):
                 assert rec["messages"][0]["content"].startswith(IMAGE + "\n")
             obj = meta["objects"][0]
             assert ("class" in rec) == (len(meta["objects"]) == 1)
-            if "class" in rec:
-                assert rec["class"] == f"{obj['colour']} {obj['shape']}"
+            if "class" in rec:  # generation records: the image to draw, with its size and place
+                want = ((obj["size"], obj["colour"], obj["shape"], obj["position"])
+                        if meta["task"] in ("gen", "class_gen") else (obj["colour"], obj["shape"]))
+                assert rec["class"] == " ".join(want)
+
+
+def test_layout_classes_name_the_drawn_image_and_plain_classes_restore_the_old_records(dataset, tmp_path):
+    """A generation record's class is "{size} {colour} {shape} {position}" of its image (the caption-based
+    prompt states all four, the class prompt colour and shape); ``--plain-classes`` changes only those
+    classes, and world.json says which."""
+    world = load_world(dataset)
+    gen = [r for r in _records(dataset, "train") if r["meta"]["task"] in ("gen", "class_gen")]
+    assert {r["meta"]["task"] for r in gen} == {"gen", "class_gen"}
+    for r in gen:
+        named = world.class_attributes(r["class"])
+        assert named == r["meta"]["objects"][0]
+        prompt = r["messages"][0]["content"]
+        stated = named.values() if r["meta"]["task"] == "gen" else (named["colour"], named["shape"])
+        assert all(word in prompt for word in stated)
+    assert main(["--out", str(tmp_path / "plain"), "--n-train", "300", "--n-test", "150", "--seed", "3",
+                 "--no-progress", "--plain-classes"]) == 0
+    assert json.loads((dataset / "world.json").read_text())["layout_classes"] is True
+    assert json.loads((tmp_path / "plain" / "world.json").read_text())["layout_classes"] is False
+    for split in ("train", "test"):
+        layout, plain = _records(dataset, split), _records(tmp_path / "plain", split)
+        assert len(layout) == len(plain)
+        for a, b in zip(layout, plain, strict=True):
+            obj = a["meta"]["objects"][0]
+            if a["meta"]["task"] in ("gen", "class_gen"):
+                assert b["class"] == f"{obj['colour']} {obj['shape']}" != a["class"]
+                b = {**b, "class": a["class"]}
+            assert a == b
+
+
+def test_class_attributes_parses_any_order_and_rejects_unknown_words():
+    world = World(image_size=32)
+    assert world.class_attributes("red star") == {"colour": "red", "shape": "star"}
+    assert world.class_attributes("left small red star") == {
+        "position": "left", "size": "small", "colour": "red", "shape": "star"}
+    with pytest.raises(ValueError, match="'tiny' is no ShapesWorld"):
+        world.class_attributes("tiny red star")
+    with pytest.raises(ValueError, match="two colours"):
+        world.class_attributes("red blue star")
 
 
 def test_records_match_pixels_and_world(dataset):

@@ -38,6 +38,20 @@ def test_decoder_pairs_keeps_the_most_frequent_classes():
     assert classes == ["a"] and pairs == [(Path("/d/0.png"), "a")]
 
 
+def test_decoder_pairs_take_the_generation_records_class_when_there_is_one():
+    """An image's drawing instruction says what the decoder is to draw ("small red star left"); a question
+    about the same image may carry less ("red star"): only the generation records' classes count then.
+    Data whose classes sit on understanding records only still trains on them."""
+    und = Record((Message("user", "<image>\nWhat is it?"), Message("assistant", "a star")), (Path("/d/0.png"),),
+                 cls="red star")
+    pairs, classes = decoder_pairs([und, _gen(0, cls="small red star left"), _gen(1, cls="big blue ring top")],
+                                   num_classes=64)
+    assert classes == ["big blue ring top", "small red star left"]
+    assert pairs == [(Path("/d/0.png"), "small red star left"), (Path("/d/1.png"), "big blue ring top")]
+    pairs, classes = decoder_pairs([und, _gen(1)], num_classes=64)
+    assert classes == ["red star"] and pairs == [(Path("/d/0.png"), "red star")]
+
+
 def test_captioning_fallback_only_for_text_to_image_data():
     gens = [_gen(1, meta={"k": 1}), _gen(2)]
     caps = captioning_records(gens)

@@ -28,9 +28,11 @@ def test_class_pairs_dedup(data_and_tokenizer):
     records = load_records(data, "train")
     pairs = class_pairs(records)
     assert len(pairs) == len(set(pairs))
-    with_cls = {(r.images[0], r.cls) for r in records if r.cls is not None}
+    # one pair per one-object image: its generation records' class, which names the layout too
+    with_cls = {(r.images[0], r.cls) for r in records if r.cls is not None and r.is_generation}
     assert set(pairs) == with_cls
-    assert all(" " in c for _, c in pairs)  # "{colour} {shape}"
+    assert len({p for p, _ in pairs}) == len(pairs)
+    assert all(len(c.split()) == 4 for _, c in pairs)  # "{size} {colour} {shape} {position}"
 
 
 def test_short_run_lowers_loss_and_resumes(data_and_tokenizer):

@@ -23,11 +23,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--binding-questions", action="store_true",
                         help="train split: ask every question type about each object of a two-object image, "
                              "not about one of them")
+    parser.add_argument("--plain-classes", action="store_true",
+                        help="give the caption-based generation instructions the class \"{colour} {shape}\" "
+                             "instead of \"{size} {colour} {shape} {position}\" (the layout their prompt names)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     counts = write_dataset(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                            image_size=args.image_size, progress=not args.no_progress,
-                           binding_questions=args.binding_questions)
+                           binding_questions=args.binding_questions, layout_classes=not args.plain_classes)
     sys.stdout.write(json.dumps(counts) + "\n")
     return 0
 

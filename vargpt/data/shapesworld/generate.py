@@ -9,12 +9,14 @@ Layout of ``out_dir``::
     images/test/000000.png ...
 
 A record is ``{"messages": [{"role", "content"}, ...], "images": [relative paths], "class": str
-(one-object images only), "meta": {"task", "qtype" (qa only), "objects", "background",
-"combo_seen"}}``. ``<image>`` in a user turn is an input image, ``<image_gen>`` in an assistant turn an
-image to generate; ``images`` lists them in order of appearance. Every image backs several records:
-a caption (objects in reading order of their regions: top, left, centre, right, bottom), one question
-per QA type (with ``binding_questions``, in the train split of two-object images one per QA type and
-object) and, for one-object images, a caption-based generation instruction and a stage-1 class prompt.
+(one-object images only: ``"{colour} {shape}"``; with ``layout_classes`` the two generation records'
+class is ``"{size} {colour} {shape} {position}"``, the image the decoder is to draw),
+"meta": {"task", "qtype" (qa only), "objects", "background", "combo_seen"}}``. ``<image>`` in a user turn
+is an input image, ``<image_gen>`` in an assistant turn an image to generate; ``images`` lists them in
+order of appearance. Every image backs several records: a caption (objects in reading order of their
+regions: top, left, centre, right, bottom), one question per QA type (with ``binding_questions``, in the
+train split of two-object images one per QA type and object) and, for one-object images, a caption-based
+generation instruction and a stage-1 class prompt.
 
 Each image draws from its own ``random.Random`` seeded by ``(seed, split, index)``, so the output is
 byte-identical for a seed and the first ``n`` images do not depend on how many are written.
@@ -78,9 +80,11 @@ def _record(user: str, assistant: str, image: str, meta: dict[str, Any], cls: st
 
 
 def scene_records(scene: Scene, image: str, world: World, rng: random.Random, *,
-                  every_object: bool = False) -> list[dict[str, Any]]:
+                  every_object: bool = False, layout_classes: bool = False) -> list[dict[str, Any]]:
     """All records backed by one image: caption, QA of every type (with ``every_object``, about every
-    object of a multi-object scene), and (one object) gen + class_gen."""
+    object of a multi-object scene), and (one object) gen + class_gen; with ``layout_classes`` the class
+    of both generation records is :attr:`Scene.layout_class_name` (the image they ask for, with its size
+    and place; the caption-based prompt names them, the class prompt leaves them open)."""
     base = {
         "objects": [obj.attributes() for obj in scene.objects],
         "background": scene.background,
@@ -88,6 +92,7 @@ def scene_records(scene: Scene, image: str, world: World, rng: random.Random, *,
     }
     single = len(scene.objects) == 1
     cls = scene.class_name if single else None
+    gen_cls = scene.layout_class_name if single and layout_classes else cls
     description = text.caption(scene, world.positions)
     records = [_record(f"{IMAGE}\n{text.caption_prompt(rng)}", description, image,
                        {"task": "caption", **base}, cls)]
@@ -96,14 +101,14 @@ def scene_records(scene: Scene, image: str, world: World, rng: random.Random, *,
                                {"task": "qa", "qtype": qa.qtype, **base}, cls))
     if single:
         obj = scene.objects[0]
-        records.append(_record(*text.generation_turns(description, rng), image, {"task": "gen", **base}, cls))
+        records.append(_record(*text.generation_turns(description, rng), image, {"task": "gen", **base}, gen_cls))
         records.append(_record(*text.class_turns(obj.colour, obj.shape, rng), image,
-                               {"task": "class_gen", **base}, cls))
+                               {"task": "class_gen", **base}, gen_cls))
     return records
 
 
 def _write_split(out: Path, split: str, n_images: int, world: World, seed: int, progress: bool,
-                 every_object: bool = False) -> int:
+                 every_object: bool = False, layout_classes: bool = False) -> int:
     """Write ``images/{split}/*.png`` and ``{split}.jsonl``; returns the number of records."""
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +119,8 @@ def _write_split(out: Path, split: str, n_images: int, world: World, seed: int, 
             scene, rng = sample_split_scene(world, split, seed, index)
             relative = f"images/{split}/{index:0{digits}d}.png"
             render(scene, world).save(out / relative, format="PNG")
-            for record in scene_records(scene, relative, world, rng, every_object=every_object):
+            for record in scene_records(scene, relative, world, rng, every_object=every_object,
+                                        layout_classes=layout_classes):
                 lines.write(json.dumps(record, ensure_ascii=False) + "\n")
                 n_records += 1
     return n_records
@@ -122,7 +128,7 @@ def _write_split(out: Path, split: str, n_images: int, world: World, seed: int, 
 
 def write_dataset(
     out_dir: str | Path, *, n_train: int, n_test: int, seed: int = 0, image_size: int = 32,
-    progress: bool = True, binding_questions: bool = False,
+    progress: bool = True, binding_questions: bool = False, layout_classes: bool = True,
 ) -> dict[str, int]:
     """Generate ShapesWorld into ``out_dir`` (created if needed; existing files are overwritten).
 
@@ -136,6 +142,11 @@ def write_dataset(
             two-object image, not about one of them (:func:`~vargpt.data.shapesworld.text.qa_pairs`);
             the test split always asks one question per type, so its measurements do not change. Off by
             default: on the tiny preset it did not teach binding in the recipe's budget (README).
+        layout_classes: the generation records' ``class`` is ``"{size} {colour} {shape} {position}"``
+            (the decoder pretrains on generation records' classes, so with ``class_embed="words"`` it
+            learns to draw a named size and place, and stages 1-3 align the prompt's state to that
+            condition); understanding records keep ``"{colour} {shape}"``. False: every record as before.
+            Scenes, text and images are the same either way.
 
     Returns:
         ``{"train_images", "train_records", "test_images", "test_records"}``.
@@ -149,9 +160,11 @@ def write_dataset(
     for split, n_images in zip(SPLITS, (n_train, n_test), strict=True):
         counts[f"{split}_images"] = n_images
         counts[f"{split}_records"] = _write_split(out, split, n_images, world, seed, progress,
-                                                  every_object=binding_questions and split == "train")
+                                                  every_object=binding_questions and split == "train",
+                                                  layout_classes=layout_classes)
     description = {"name": "shapesworld", "seed": seed, **world.to_dict(), "counts": counts,
-                   "binding_questions": binding_questions, "caption_order": "reading"}
+                   "binding_questions": binding_questions, "layout_classes": layout_classes,
+                   "caption_order": "reading"}
     (out / "world.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote ShapesWorld to %s: %s", out, counts)
     return counts

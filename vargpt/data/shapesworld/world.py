@@ -198,6 +198,24 @@ class World:
         """Whether ``(colour, shape)`` may appear in training images."""
         return (colour, shape) not in set(self.held_out)
 
+    def class_attributes(self, name: str) -> dict[str, str]:
+        """The attributes a class name states: ``"red star"`` -> ``{"colour": "red", "shape": "star"}``;
+        ``"small red star left"`` adds ``"size"`` and ``"position"`` (any word order).
+
+        Raises:
+            ValueError: a word of no vocabulary, or two words of one attribute.
+        """
+        vocab = {"colour": self.colours, "shape": self.shapes, "size": self.sizes, "position": self.positions}
+        out: dict[str, str] = {}
+        for word in name.split():
+            kinds = [k for k, v in vocab.items() if word in v]
+            if not kinds:
+                raise ValueError(f"class {name!r}: {word!r} is no ShapesWorld colour, shape, size or position")
+            if kinds[0] in out:
+                raise ValueError(f"class {name!r} names two {kinds[0]}s ({out[kinds[0]]!r}, {word!r})")
+            out[kinds[0]] = word
+        return out
+
     def class_index(self, colour: str, shape: str) -> int:
         """Class id of ``"{colour} {shape}"``."""
         return list(self.colours).index(colour) * len(self.shapes) + self.shapes.index(shape)
@@ -282,6 +300,12 @@ class Scene:
         """``"{colour} {shape}"`` of the first object."""
         first = self.objects[0]
         return f"{first.colour} {first.shape}"
+
+    @property
+    def layout_class_name(self) -> str:
+        """``"{size} {colour} {shape} {position}"`` of the first object: every attribute a caption names."""
+        first = self.objects[0]
+        return f"{first.size} {first.colour} {first.shape} {first.position}"
 
 
 def object_mask(obj: SceneObject, image_size: int) -> np.ndarray:
