@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=32)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--plain-classes", action="store_true",
-                   help="caption-based generation records get the class '{colour} {shape}' instead of "
+                   help="generation records get the class '{colour} {shape}' instead of "
                         "'{size} {colour} {shape} {position}'")
     s.set_defaults(func=_data_shapesworld)
     s = data.add_parser("validate", help="check a dataset folder in the README format")

@@ -24,8 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="train split: ask every question type about each object of a two-object image, "
                              "not about one of them")
     parser.add_argument("--plain-classes", action="store_true",
-                        help="give the caption-based generation instructions the class \"{colour} {shape}\" "
-                             "instead of \"{size} {colour} {shape} {position}\" (the layout their prompt names)")
+                        help="give the generation records the class \"{colour} {shape}\" instead of "
+                             "\"{size} {colour} {shape} {position}\" (the image they ask for, with its layout)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     counts = write_dataset(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
