@@ -161,9 +161,7 @@ def heldout_class_images(vqvae, data_dir: str, classes: list[str], limit: int) -
     """At most ``limit`` (image, class) pairs of the test split (train if none) whose class is in
     ``classes``, and the images as a tensor in [-1, 1] (None when there is no pair)."""
     split = "test" if (Path(data_dir) / "test.jsonl").is_file() else "train"
-    seen: set[Path] = set()  # one pair per image (a generation record may name the layout too)
-    pairs = [p for p in class_pairs(load_records(data_dir, split))
-             if p[1] in classes and p[0] not in seen and not seen.add(p[0])][:limit]
+    pairs = [p for p in class_pairs(load_records(data_dir, split)) if p[1] in classes][:limit]
     if not pairs:
         return pairs, None
     return pairs, torch.stack([image_to_tensor(load_image(path, vqvae.cfg.image_size)) for path, _ in pairs])

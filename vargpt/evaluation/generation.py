@@ -208,11 +208,6 @@ REPLY_KEYS: tuple[str, ...] = ("colour", "shape", "size", "position", "all")
 """Attributes :func:`evaluate_replies` checks in the reply text (``all``: every one the reply names)."""
 
 
-def _vocabulary(world: World) -> dict[str, set[str]]:
-    return {"colour": set(world.colours), "shape": set(world.shapes), "size": set(world.sizes),
-            "position": set(world.positions)}
-
-
 def reply_names(text: str, expected: Mapping[str, str], world: World) -> dict[str, bool]:
     """How ``text`` states each of ``expected``'s attributes that it names at all: True when the only word of
     that attribute's vocabulary in it is the expected one ("a red circle" for red/circle), False when
@@ -220,7 +215,7 @@ def reply_names(text: str, expected: Mapping[str, str], world: World) -> dict[st
     does not name is left out (a reply may just say "Sure."). ``all``: every named attribute right
     (absent when none is named)."""
     words = set(re.findall(r"[a-z]+", text.lower()))
-    vocab = _vocabulary(world)
+    vocab = world.vocabularies()
     named = {k: not (words & vocab[k]) - {v} for k, v in expected.items() if k in vocab and words & vocab[k]}
     return {**named, "all": all(named.values())} if named else {}
 

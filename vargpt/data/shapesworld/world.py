@@ -198,6 +198,11 @@ class World:
         """Whether ``(colour, shape)`` may appear in training images."""
         return (colour, shape) not in set(self.held_out)
 
+    def vocabularies(self) -> dict[str, set[str]]:
+        """The words of each attribute: ``{"colour", "shape", "size", "position"}`` -> names."""
+        return {"colour": set(self.colours), "shape": set(self.shapes), "size": set(self.sizes),
+                "position": set(self.positions)}
+
     def class_attributes(self, name: str) -> dict[str, str]:
         """The attributes a class name states: ``"red star"`` -> ``{"colour": "red", "shape": "star"}``;
         ``"small red star left"`` adds ``"size"`` and ``"position"`` (any word order).
@@ -205,7 +210,7 @@ class World:
         Raises:
             ValueError: a word of no vocabulary, or two words of one attribute.
         """
-        vocab = {"colour": self.colours, "shape": self.shapes, "size": self.sizes, "position": self.positions}
+        vocab = self.vocabularies()
         out: dict[str, str] = {}
         for word in name.split():
             kinds = [k for k, v in vocab.items() if word in v]
