@@ -720,10 +720,8 @@ def _tiny() -> VARGPTConfig:
     return VARGPTConfig(
         name="tiny",
         vqvae=VQVAEConfig(
-            # norm_groups=0: no GroupNorm (it drifted colours and cost ~7% of a step; with the contrast-weighted
-            # loss the oracle reads 0.968 on reconstructions instead of 0.924, README "Options").
             image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, use_attn=False,
-            z_channels=16, vocab_size=64, share_quant_resi=4, patch_nums=(1, 2, 3, 4, 6, 8), norm_groups=0,
+            z_channels=16, vocab_size=64, share_quant_resi=4, patch_nums=(1, 2, 3, 4, 6, 8),
         ),
         visual_decoder=VisualDecoderConfig(
             # num_classes: the decoder pretrains on ShapesWorld's generation classes "{size} {colour} {shape}

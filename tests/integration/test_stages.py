@@ -88,9 +88,7 @@ def test_shuffled_prompt_metric_is_zero_gap_only_when_the_prompt_is_unused(setup
         if model.image_gen_input_gate is not None:  # the tiny preset's token-path gate starts closed
             model.image_gen_input_gate.fill_(1.0)
     true, shuf = heldout_metrics(model, ds), heldout_metrics(model, ds, shuffle_prompts=True)
-    # The random decoder's logits are near uniform (CE ~ ln 64), so the prompt moves it little: ~5e-5 here,
-    # against ~5e-7 (float summation order) when the prompt is unused.
-    assert abs(true["image_loss"] - shuf["image_loss"]) > 1e-5
+    assert abs(true["image_loss"] - shuf["image_loss"]) > 1e-4
 
 
 def test_grouped_mixed_batch_gives_the_whole_batch_loss_and_gradients(setup):

@@ -80,11 +80,10 @@ RECIPES: dict[str, TokenizerRecipe] = {
         train=TrainConfig(name="tokenizer-tiny", lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99),
                           warmup_ratio=0.02, schedule="cosine", min_lr_ratio=0.05, batch_size=16,
                           max_steps=1600, grad_clip=1.0, save_every=400),
-        # Contrast weighting: the oracle reads reconstructions of held-out images 0.968 instead of 0.924 (0.948
-        # vs 0.893 on 1842 fresh ones). With plain "{colour} {shape}" classes the decoder predicted the sharper
-        # codes worse (whole recipe 0.641 -> 0.543); with layout classes the decoder alone draws as well or
-        # better from them (0.839 vs 0.824), session 19.
-        edge_weight=4.0,
+        # Contrast weighting (edge_weight) stays off: at 4 the reconstructions are better (oracle 0.893 ->
+        # 0.948 / 0.926 on 1842 held-out images) but the whole recipe generated worse in every run (colour+shape
+        # 0.641 -> 0.543 at 2 threads, 0.496 -> 0.375 at 1; with layout classes and no GroupNorm, session 19,
+        # 0.801 -> 0.473): the decoder predicts the sharper codes less well.
     ),
     # Released-size tokenizer (SPEC 1.1); only meaningful on a GPU and with a large image corpus.
     "vargpt-v1-7b": TokenizerRecipe(
