@@ -115,10 +115,11 @@ def oracle_eval(decoder, vqvae, classes, world, sampling, per_class: int, seed: 
     def rates(vs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
         return {k: round(sum(v[k] for v in vs) / len(vs), 4) for k in keys}
 
+    overall = rates(verdicts, ("colour", "shape"))
     report: dict = {
         "oracle_accuracy": round(sum(pair_acc.values()) / len(pair_acc), 4),
-        "oracle_colour_accuracy": rates(verdicts, ("colour",))["colour"],
-        "oracle_shape_accuracy": rates(verdicts, ("shape",))["shape"],
+        "oracle_colour_accuracy": overall["colour"],
+        "oracle_shape_accuracy": overall["shape"],
         "oracle_min_class_accuracy": round(min(pair_acc.values()), 4),
         "classes_below_90": sorted(k for k, a in pair_acc.items() if a < 0.9),
         "samples_per_class": per_class, "num_classes": len(classes), "colour_shape_pairs": len(pair_acc),
