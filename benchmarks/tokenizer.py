@@ -6,8 +6,9 @@ Reported: held-out reconstruction ``psnr`` (dB), ``codebook_usage`` (fraction of
 held-out images, overall and per scale), ``oracle_accuracy`` (ShapesWorld oracle colour+shape accuracy
 on the *reconstructions* of held-out one-object images, against the record metadata; the same oracle on
 the original images is ``oracle_accuracy_original``), ``psnr_by_scales`` (held-out PSNR of decoding the
-running f_hat after each scale: where the image's information sits), ``train_seconds`` (optimisation loop
-only) and the thread count. ``--tokenizer DIR`` evaluates an existing checkpoint instead of training.
+running f_hat after each scale: where the image's information sits), ``train_seconds`` (optimisation loops
+only: the main phase plus the decoder finetuning, whose own numbers are under ``finetune``) and the thread
+count. ``--tokenizer DIR`` evaluates an existing checkpoint instead of training.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
                     help="hard-example replay share of each batch (default: the recipe's)")
     ap.add_argument("--edge-weight", type=float, default=None,
                     help="strength of the contrast-weighted pixel loss (default: the recipe's)")
+    ap.add_argument("--finetune-steps", type=int, default=None,
+                    help="decoder finetuning steps after the main phase (default: the recipe's; 0 = none)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="evaluate this checkpoint (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,7 +87,7 @@ def main() -> None:
         metrics = train_tokenizer(data_dir=data, out_dir=out, preset="tiny", max_steps=args.steps,
                                   batch_size=args.batch_size, seed=args.seed, progress=args.progress,
                                   time_budget_s=args.time_budget, replay_fraction=args.replay_fraction,
-                                  edge_weight=args.edge_weight)
+                                  edge_weight=args.edge_weight, finetune_steps=args.finetune_steps)
         model = MultiScaleVQVAE.from_pretrained(out)
         result = {
             "psnr": metrics["psnr"],
@@ -100,6 +103,7 @@ def main() -> None:
             "codes_restarted": metrics["codes_restarted"],
             "replay_fraction": args.replay_fraction,
             "edge_weight": metrics["edge_weight"],
+            "finetune": metrics["finetune"],
             "vqvae": {k: v for k, v in vars(model.cfg).items()},
             "data_seconds": round(gen_seconds + metrics["load_seconds"], 2),
         }

@@ -71,7 +71,7 @@ def _train(a: argparse.Namespace) -> None:
         from vargpt.training.tokenizer_trainer import train_tokenizer
 
         result = train_tokenizer(data_dir=a.data, out_dir=a.out, max_steps=a.steps, resume=a.resume, seed=a.seed,
-                                 **common)
+                                 finetune_steps=a.finetune_steps, **common)
     elif what == "decoder":
         from vargpt.training.decoder_trainer import train_decoder
 
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder", type=Path, help="assemble: trained visual decoder folder")
     s.add_argument("--llava", type=Path, help="assemble: trained base LLaVA folder (base/llava)")
     s.add_argument("--steps", type=int, default=None, help="override the recipe's optimiser steps")
+    s.add_argument("--finetune-steps", type=int, default=None,
+                   help="tokenizer: decoder finetuning steps after the main phase (default: the recipe's; 0 = none)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")

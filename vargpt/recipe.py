@@ -55,7 +55,7 @@ class RunContext:
 SMOKE: dict[str, dict[str, Any]] = {
     "data": {"n_train": 48, "n_test": 16},  # ShapesWorld size when no data is given
     "subset": {"train": 256, "test": 64},  # records of user data copied to OUT/smoke_data (stratified)
-    "tokenizer": {"max_steps": 3, "batch_size": 8},
+    "tokenizer": {"max_steps": 3, "batch_size": 8, "finetune_steps": 3},
     "llm": {"max_steps": 3, "batch_size": 4},
     "vision": {"max_steps": 3, "batch_size": 8},
     "align": {"max_steps": 3, "batch_size": 8},

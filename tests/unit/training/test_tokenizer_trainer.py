@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -97,8 +98,8 @@ def test_short_run_learns_and_saves(folder, tmp_path, edge_weight):
     torch.set_num_threads(1)
     out = tmp_path / "tok"
     m = train_tokenizer(data_dir=folder, out_dir=out, max_steps=40, batch_size=8, progress=False,
-                        edge_weight=edge_weight)
-    assert m["steps"] == 40 and m["eval_split"] == "test" and m["eval_images"] == 6
+                        edge_weight=edge_weight, finetune_steps=0)
+    assert m["steps"] == 40 and m["eval_split"] == "test" and m["eval_images"] == 6 and m["finetune"] is None
     assert m["edge_weight"] == (RECIPES["tiny"].edge_weight if edge_weight is None else edge_weight)
     assert m["train_loss"]["loss"] < 0.7 * m["initial_loss"]
     assert 0 < m["codebook_usage"]["overall"] <= 1 and len(m["codebook_usage"]["per_scale"]) == 6
@@ -112,15 +113,15 @@ def test_resume_continues_exactly(folder, tmp_path, replay):
     torch.set_num_threads(1)
     straight, split = tmp_path / "straight", tmp_path / "split"
     train_tokenizer(data_dir=folder, out_dir=straight, max_steps=5, batch_size=4, progress=False,
-                    replay_fraction=replay)
+                    replay_fraction=replay, finetune_steps=0)
     # time_budget_s=0 stops (and checkpoints) after the first step, as an interruption would.
     first = train_tokenizer(data_dir=folder, out_dir=split, max_steps=5, batch_size=4, progress=False,
-                            time_budget_s=0, replay_fraction=replay)
+                            time_budget_s=0, replay_fraction=replay, finetune_steps=0)
     assert first["steps"] == 1 and first["stopped_early"]
     _, _, trainer = load_checkpoint(split)
     assert trainer["step"] == 1
     second = train_tokenizer(data_dir=folder, out_dir=split, max_steps=5, batch_size=4, progress=False,
-                             resume=True, replay_fraction=replay)
+                             resume=True, replay_fraction=replay, finetune_steps=0)
     saved = load_checkpoint(split)[2]["replay"]
     assert saved is None if replay is None else saved["batch"] == 5
     assert second["steps"] == 5 and not second["stopped_early"]
@@ -132,3 +133,74 @@ def test_resume_continues_exactly(folder, tmp_path, replay):
     assert b_trainer["scheduler"]["last_epoch"] == a_trainer["scheduler"]["last_epoch"] == 5
     for k, v in a_state.items():
         torch.testing.assert_close(b_state[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_decoder_finetuning_keeps_the_codes(folder, tmp_path, monkeypatch):
+    """The second phase trains post_quant_conv + decoder only: same codes, lower loss, a sharper decoder."""
+    torch.set_num_threads(1)
+    recipe = RECIPES["tiny"]
+    monkeypatch.setitem(RECIPES, "tiny", dataclasses.replace(
+        recipe, finetune=dataclasses.replace(recipe.finetune, batch_size=8)))
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    train_tokenizer(data_dir=folder, out_dir=plain, max_steps=20, batch_size=8, progress=False, finetune_steps=0)
+    m = train_tokenizer(data_dir=folder, out_dir=tuned, max_steps=20, batch_size=8, progress=False,
+                        finetune_steps=30)
+    ft = m["finetune"]
+    assert ft["steps"] == 30 and ft["edge_weight"] == RECIPES["tiny"].finetune_edge_weight
+    assert ft["loss"] < ft["initial_loss"] and not m["stopped_early"]
+    assert m["train_seconds"] >= ft["train_seconds"] > 0
+    a, b = MultiScaleVQVAE.from_pretrained(plain), MultiScaleVQVAE.from_pretrained(tuned)
+    a_state, b_state = a.state_dict(), b.state_dict()
+    trained = [k for k in a_state if k.startswith(("decoder.", "post_quant_conv."))]
+    assert trained and len(trained) < len(a_state)
+    for k, v in a_state.items():
+        if k in trained:
+            continue
+        assert torch.equal(b_state[k], v), k  # encoder, quant_conv, codebook, phi: untouched
+    assert all(not torch.equal(b_state[k], a_state[k]) for k in ("decoder.conv_out.weight", "post_quant_conv.weight"))
+    x = torch.stack([torch.rand(3, 32, 32) * 2 - 1 for _ in range(4)])
+    for ca, cb in zip(a.encode(x), b.encode(x), strict=True):
+        assert torch.equal(ca, cb)
+    # Its training images, decoded from the same codes, are reconstructed better after finetuning.
+    from vargpt.training.tokenizer_trainer import split_images
+
+    train = split_images(folder, "train", 32)
+    assert float(psnr(b.reconstruct(train), train).mean()) > float(psnr(a.reconstruct(train), train).mean())
+    _, _, trainer = load_checkpoint(tuned)
+    assert trainer["finetune"]["step"] == 30 and trainer["step"] == 20
+
+
+def test_decoder_finetuning_resumes_exactly(folder, tmp_path, monkeypatch):
+    import vargpt.training.tokenizer_trainer as tt
+
+    torch.set_num_threads(1)
+    recipe = RECIPES["tiny"]
+    monkeypatch.setitem(RECIPES, "tiny", dataclasses.replace(
+        recipe, finetune=dataclasses.replace(recipe.finetune, batch_size=4, save_every=2)))
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    kw = dict(data_dir=folder, max_steps=4, batch_size=4, progress=False, finetune_steps=6)
+    train_tokenizer(out_dir=straight, **kw)
+
+    calls = {"n": 0}
+    real_loss = tt._finetune_loss
+
+    def crash_on_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # an interruption after the step-4 checkpoint
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(tt, "_finetune_loss", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(out_dir=split, **kw)
+    assert load_checkpoint(split)[2]["finetune"]["step"] == 4
+    monkeypatch.setattr(tt, "_finetune_loss", real_loss)
+    m = train_tokenizer(out_dir=split, resume=True, **kw)
+    assert m["finetune"]["steps"] == 6 and not m["stopped_early"]
+    a_state, _, a_trainer = load_checkpoint(straight)
+    b_state, _, b_trainer = load_checkpoint(split)
+    assert b_trainer["finetune"]["scheduler"]["last_epoch"] == a_trainer["finetune"]["scheduler"]["last_epoch"] == 6
+    for k, v in a_state.items():
+        torch.testing.assert_close(b_state[k], v, rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="finetune_steps"):
+        train_tokenizer(out_dir=tmp_path / "bad", data_dir=folder, max_steps=1, progress=False, finetune_steps=-1)
