@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vargpt.config import TrainConfig, VARGPTConfig, VQVAEConfig
+from vargpt.config import ConfigError, TrainConfig, VARGPTConfig, VQVAEConfig
 from vargpt.data.records import image_to_tensor, load_image, load_records, unique_images
 from vargpt.tokenizer.quantizer import usage_fraction
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
@@ -455,6 +455,9 @@ def train_tokenizer(
         finetune_steps: steps of the decoder finetuning after the main phase (default: the recipe's
             :attr:`TokenizerRecipe.finetune`; 0 = none). It runs once the main phase has all its steps.
 
+    Raises:
+        ConfigError: ``finetune_steps`` is negative, or positive for a recipe without finetuning.
+
     Returns:
         Metrics: steps, train_seconds, images_per_second, final training loss terms, held-out ``psnr``
         and ``codebook_usage`` (overall and per scale; computed on the training images if there is no
@@ -470,10 +473,10 @@ def train_tokenizer(
         recipe = dataclasses.replace(recipe, edge_weight=edge_weight)
     if finetune_steps is not None:
         if finetune_steps < 0:
-            raise ValueError(f"finetune_steps={finetune_steps}: must be >= 0 (0 = no decoder finetuning)")
+            raise ConfigError(f"finetune_steps={finetune_steps}: must be >= 0 (0 = no decoder finetuning)")
         if finetune_steps > 0 and recipe.finetune is None:
-            raise ValueError(f"the {preset!r} tokenizer recipe has no decoder finetuning to run "
-                             f"{finetune_steps} steps of; pass finetune_steps=0 or None")
+            raise ConfigError(f"the {preset!r} tokenizer recipe has no decoder finetuning to run "
+                              f"{finetune_steps} steps of; pass finetune_steps=0 or None")
         finetune = (None if finetune_steps == 0
                     else dataclasses.replace(recipe.finetune, max_steps=finetune_steps))
         recipe = dataclasses.replace(recipe, finetune=finetune)

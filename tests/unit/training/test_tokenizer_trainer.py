@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vargpt.config import TrainConfig, VARGPTConfig
+from vargpt.config import ConfigError, TrainConfig, VARGPTConfig
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE
 from vargpt.training.checkpoint import load_checkpoint
 from vargpt.training.tokenizer_trainer import (
@@ -202,5 +202,5 @@ def test_decoder_finetuning_resumes_exactly(folder, tmp_path, monkeypatch):
     assert b_trainer["finetune"]["scheduler"]["last_epoch"] == a_trainer["finetune"]["scheduler"]["last_epoch"] == 6
     for k, v in a_state.items():
         torch.testing.assert_close(b_state[k], v, rtol=0, atol=1e-6, msg=k)
-    with pytest.raises(ValueError, match="finetune_steps"):
+    with pytest.raises(ConfigError, match="finetune_steps"):
         train_tokenizer(out_dir=tmp_path / "bad", data_dir=folder, max_steps=1, progress=False, finetune_steps=-1)
