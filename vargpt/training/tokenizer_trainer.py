@@ -231,14 +231,20 @@ class _State:
     ``loss`` (None until it starts)."""
 
 
+def _weighted_pixel_terms(err_B3HW: torch.Tensor, w_B1HW: torch.Tensor, recipe: TokenizerRecipe,
+                          dims: tuple[int, ...] | None) -> torch.Tensor:
+    """The recipe's L2 + L1 pixel terms, each pixel weighted by ``w_B1HW``, averaged over ``dims`` (None = all)."""
+    return (recipe.l2_weight * (err_B3HW.square() * w_B1HW).mean(dims)
+            + recipe.l1_weight * (err_B3HW.abs() * w_B1HW).mean(dims))
+
+
 def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe) -> tuple[torch.Tensor, dict]:
     recon_B3HW, hits_SV, vq_loss = model(x_B3HW)
     l2w, l1w = recipe.l2_weight, recipe.l1_weight
 
     def per_image(err_B3HW: torch.Tensor) -> torch.Tensor:
         """Each image's (contrast-weighted) pixel terms: their batch mean is the weighted pixel loss."""
-        w_B1HW = contrast_weights(x_B3HW, recipe.edge_weight)
-        return l2w * (err_B3HW.square() * w_B1HW).mean((1, 2, 3)) + l1w * (err_B3HW.abs() * w_B1HW).mean((1, 2, 3))
+        return _weighted_pixel_terms(err_B3HW, contrast_weights(x_B3HW, recipe.edge_weight), recipe, (1, 2, 3))
 
     l2, l1 = F.mse_loss(recon_B3HW, x_B3HW), F.l1_loss(recon_B3HW, x_B3HW)  # unweighted: logged either way
     pixel_B = per_image(recon_B3HW - x_B3HW) if recipe.edge_weight > 0 else None
@@ -255,13 +261,9 @@ def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe)
 
 
 def _finetune_loss(recon_B3HW: torch.Tensor, x_B3HW: torch.Tensor, recipe: TokenizerRecipe) -> torch.Tensor:
-    """The finetuning's pixel loss: the recipe's L2 (+ L1) terms, contrast-weighted by ``finetune_edge_weight``."""
+    """The finetuning's pixel loss: the recipe's L2 + L1 terms, contrast-weighted by ``finetune_edge_weight``."""
     w_B1HW = contrast_weights(x_B3HW, recipe.finetune_edge_weight)
-    err_B3HW = recon_B3HW - x_B3HW
-    loss = recipe.l2_weight * (err_B3HW.square() * w_B1HW).mean()
-    if recipe.l1_weight > 0:
-        loss = loss + recipe.l1_weight * (err_B3HW.abs() * w_B1HW).mean()
-    return loss
+    return _weighted_pixel_terms(recon_B3HW - x_B3HW, w_B1HW, recipe, None)
 
 
 @torch.no_grad()
@@ -401,12 +403,11 @@ def _finetune_decoder(
             bar.update(1)
             bar.set_postfix(loss=f"{fs['loss']:.4f}")
             elapsed = fs["seconds"] + time.perf_counter() - t_start
-            stop = time_budget_s is not None and st.train_seconds + elapsed >= time_budget_s
-            if stop or (ft.save_every and fs["step"] % ft.save_every == 0 and fs["step"] < ft.max_steps):
+            if ft.save_every and fs["step"] % ft.save_every == 0 and fs["step"] < ft.max_steps:
                 st.finetune = fs | {"seconds": elapsed, "optimizer": ft_opt.state_dict(),
                                     "scheduler": ft_sched.state_dict()}
                 _checkpoint(out, model, opt, sched, st, recipe, seed)
-            if stop:
+            if time_budget_s is not None and st.train_seconds + elapsed >= time_budget_s:  # checkpointed below
                 logger.info("time budget of %.0fs reached at decoder finetuning step %d", time_budget_s,
                             fs["step"])
                 break

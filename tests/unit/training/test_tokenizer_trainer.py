@@ -19,6 +19,7 @@ from vargpt.training.tokenizer_trainer import (
     batch_indices,
     contrast_weights,
     psnr,
+    split_images,
     train_tokenizer,
 )
 
@@ -162,8 +163,6 @@ def test_decoder_finetuning_keeps_the_codes(folder, tmp_path, monkeypatch):
     for ca, cb in zip(a.encode(x), b.encode(x), strict=True):
         assert torch.equal(ca, cb)
     # Its training images, decoded from the same codes, are reconstructed better after finetuning.
-    from vargpt.training.tokenizer_trainer import split_images
-
     train = split_images(folder, "train", 32)
     assert float(psnr(b.reconstruct(train), train).mean()) > float(psnr(a.reconstruct(train), train).mean())
     _, _, trainer = load_checkpoint(tuned)
