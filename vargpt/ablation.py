@@ -90,7 +90,7 @@ VARIANTS: tuple[Variant, ...] = (
 
 UNTIL_ASSEMBLE: tuple[str, ...] = tuple(s.name for s in STEPS[:[s.name for s in STEPS].index("assemble") + 1])
 """The recipe's steps up to ``assemble`` (the ``stage0`` model every variant starts from)."""
-PREFIX_STEPS: tuple[str, ...] = (*UNTIL_ASSEMBLE, "feature_net")
+PREFIX_STEPS: tuple[str, ...] = tuple(dict.fromkeys((*UNTIL_ASSEMBLE, "feature_net")))
 """Recipe steps every variant shares: :data:`UNTIL_ASSEMBLE` and the FID feature net."""
 
 

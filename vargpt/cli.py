@@ -51,7 +51,7 @@ def _recipe(a: argparse.Namespace) -> None:
     from vargpt.recipe import run_recipe
 
     _print_json(run_recipe(out_dir=a.out, preset=a.preset, data_dir=a.data, seed=a.seed,
-                           progress=not a.quiet, smoke=a.smoke))
+                           progress=not a.quiet, smoke=a.smoke, workers=a.workers))
 
 
 def _ablate(a: argparse.Namespace) -> None:
@@ -71,7 +71,7 @@ def _train(a: argparse.Namespace) -> None:
         from vargpt.training.tokenizer_trainer import train_tokenizer
 
         result = train_tokenizer(data_dir=a.data, out_dir=a.out, max_steps=a.steps, resume=a.resume, seed=a.seed,
-                                 finetune_steps=a.finetune_steps, **common)
+                                 finetune_steps=a.finetune_steps, init_from=a.from_dir, **common)
     elif what == "decoder":
         from vargpt.training.decoder_trainer import train_decoder
 
@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="tiny")
     s.add_argument("--data", type=Path, help="dataset folder (README format)")
     s.add_argument("--out", type=Path, required=True, help="output folder")
-    s.add_argument("--from", dest="from_dir", type=Path, help="stageN: model to start from (previous stage)")
+    s.add_argument("--from", dest="from_dir", type=Path,
+                   help="stageN: model to start from (previous stage); tokenizer: a trained tokenizer to go on from "
+                        "in --out (e.g. its decoder finetuning, after a run with --finetune-steps 0)")
     s.add_argument("--tokenizer", type=Path, help="decoder/assemble: trained VQ-VAE folder")
     s.add_argument("--decoder", type=Path, help="assemble: trained visual decoder folder")
     s.add_argument("--llava", type=Path, help="assemble: trained base LLaVA folder (base/llava)")
@@ -169,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true",
                    help="check that your data goes through every step: a few optimiser steps per step and a few "
                         "eval samples, well under a minute on small data (numbers mean nothing; use its own --out)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="independent steps run side by side in this many processes, splitting the CPU threads "
+                        "(default: 2 on a CPU with >= 2 threads, 1 with CUDA; 1 = one step at a time)")
     s.set_defaults(func=_recipe)
 
     # vargpt ablate

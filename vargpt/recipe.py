@@ -1,8 +1,10 @@
 """The end-to-end recipe behind ``vargpt pipeline`` / ``make demo``: every step from data to metrics.
 
-Steps run in order; each writes its outputs under the run folder and, when it finishes, a marker
-``RUN/steps/<name>.json`` holding its result and wall time. A rerun skips finished steps, so an
-interrupted run resumes at the step it was in. ``RUN/metrics.json`` gathers every step's numbers.
+Steps run phase by phase (:data:`PLAN`); inside a phase, chains of steps that read nothing of each
+other run side by side in their own processes (``workers``), each splitting the CPU threads. Each
+step writes its outputs under the run folder and, when it finishes, a marker ``RUN/steps/<name>.json``
+holding its result, wall time, threads and process. A rerun skips finished steps, so an interrupted
+run resumes at the step(s) it was in. ``RUN/metrics.json`` gathers every step's numbers.
 
 ``smoke=True`` (``vargpt pipeline --smoke``) runs every step with a handful of optimiser steps
 (:data:`SMOKE`) and evaluates a few samples: it checks that a dataset goes through every step in well
@@ -75,6 +77,8 @@ class Step:
     name: str
     fn: Callable[[RunContext], dict[str, Any]]
     description: str
+    after: tuple[str, ...] = ()
+    """The steps whose outputs this one reads (:func:`check_plan` holds :data:`PLAN` to them)."""
 
 
 def _step_data(ctx: RunContext) -> dict[str, Any]:
@@ -152,8 +156,19 @@ def _step_samples(ctx: RunContext) -> dict[str, Any]:
 def _step_tokenizer(ctx: RunContext) -> dict[str, Any]:
     from vargpt.training.tokenizer_trainer import train_tokenizer
 
+    limits = ctx.limits("tokenizer") | {"finetune_steps": 0}  # the main phase: the codes (RUN/tokenizer_main)
+    return train_tokenizer(data_dir=ctx.data_dir, out_dir=ctx.out / "tokenizer_main", preset=ctx.preset,
+                           resume=True, seed=ctx.seed, progress=ctx.progress, **limits)
+
+
+def _step_tokenizer_finetune(ctx: RunContext) -> dict[str, Any]:
+    from vargpt.training.tokenizer_trainer import train_tokenizer
+
+    # The recipe's decoder finetuning on a copy of the main phase (RUN/tokenizer, the tokenizer the model
+    # ships). The codes stay the main phase's, so the visual decoder can pretrain on them meanwhile.
     return train_tokenizer(data_dir=ctx.data_dir, out_dir=ctx.out / "tokenizer", preset=ctx.preset, resume=True,
-                           seed=ctx.seed, progress=ctx.progress, **ctx.limits("tokenizer"))
+                           init_from=ctx.out / "tokenizer_main", seed=ctx.seed, progress=ctx.progress,
+                           **ctx.limits("tokenizer"))
 
 
 def _step_text_tokenizer(ctx: RunContext) -> dict[str, Any]:
@@ -193,7 +208,7 @@ def _step_instruct(ctx: RunContext) -> dict[str, Any]:
 def _step_decoder(ctx: RunContext) -> dict[str, Any]:
     from vargpt.training.decoder_trainer import train_decoder
 
-    return train_decoder(data_dir=ctx.data_dir, tokenizer_dir=ctx.out / "tokenizer", out_dir=ctx.out / "decoder",
+    return train_decoder(data_dir=ctx.data_dir, tokenizer_dir=ctx.out / "tokenizer_main", out_dir=ctx.out / "decoder",
                          preset=ctx.preset, resume=True, seed=ctx.seed, progress=ctx.progress,
                          **ctx.limits("decoder"))
 
@@ -260,28 +275,86 @@ def _step_eval(ctx: RunContext) -> dict[str, Any]:
 
 STEPS: tuple[Step, ...] = (
     Step("data", _step_data, "dataset (ShapesWorld is generated when no --data is given)"),
-    Step("samples", _step_samples, "contact sheet of held-out images"),
-    Step("tokenizer", _step_tokenizer, "multi-scale VQ-VAE"),
-    Step("text_tokenizer", _step_text_tokenizer, "BPE text tokenizer"),
-    Step("llm", _step_llm, "tiny LLM pretrained on the dataset's text"),
-    Step("vision", _step_vision, "tiny vision tower pretrained contrastively"),
-    Step("align", _step_align, "LLaVA alignment (projector)"),
-    Step("instruct", _step_instruct, "LLaVA instruction tuning (projector + LLM)"),
-    Step("decoder", _step_decoder, "class-conditional VAR visual decoder"),
-    Step("assemble", _step_assemble, "VARGPT from its base models"),
-    Step("stage1", _stage(1), "stage 1: generation projectors"),
-    Step("stage2", _stage(2), "stage 2: LLM + projector on mixed instructions"),
-    Step("stage3", _stage(3), "stage 3: visual decoder + generation projectors"),
-    Step("final", _step_final, "the final model directory"),
-    Step("feature_net", _step_feature_net, "feature network for FID"),
-    Step("eval", _step_eval, "held-out understanding, generation and FID; report.html"),
+    Step("samples", _step_samples, "contact sheet of held-out images", after=("data",)),
+    Step("text_tokenizer", _step_text_tokenizer, "BPE text tokenizer", after=("data",)),
+    Step("tokenizer", _step_tokenizer, "multi-scale VQ-VAE: the codes", after=("data",)),
+    Step("vision", _step_vision, "tiny vision tower pretrained contrastively", after=("text_tokenizer",)),
+    Step("decoder", _step_decoder, "class-conditional VAR visual decoder", after=("tokenizer",)),
+    Step("llm", _step_llm, "tiny LLM pretrained on the dataset's text", after=("text_tokenizer",)),
+    Step("align", _step_align, "LLaVA alignment (projector)", after=("llm", "vision")),
+    Step("instruct", _step_instruct, "LLaVA instruction tuning (projector + LLM)", after=("align",)),
+    Step("tokenizer_finetune", _step_tokenizer_finetune, "the VQ-VAE's pixel decoder on its frozen codes",
+         after=("tokenizer",)),
+    Step("feature_net", _step_feature_net, "feature network for FID", after=("data",)),
+    Step("assemble", _step_assemble, "VARGPT from its base models",
+         after=("instruct", "tokenizer_finetune", "decoder")),
+    Step("stage1", _stage(1), "stage 1: generation projectors", after=("assemble",)),
+    Step("stage2", _stage(2), "stage 2: LLM + projector on mixed instructions", after=("stage1",)),
+    Step("stage3", _stage(3), "stage 3: visual decoder + generation projectors", after=("stage2",)),
+    Step("final", _step_final, "the final model directory", after=("stage3",)),
+    Step("eval", _step_eval, "held-out understanding, generation and FID; report.html",
+         after=("final", "feature_net")),
 )
-"""The recipe, in order."""
+"""The recipe, in the order one worker runs it (:data:`PLAN` flattened)."""
+
+STEP_BY_NAME: dict[str, Step] = {s.name: s for s in STEPS}
+
+PLAN: tuple[tuple[tuple[str, ...], ...], ...] = (
+    (("data", "samples", "text_tokenizer", "tokenizer", "vision"),),
+    (("decoder",), ("llm", "align", "instruct", "tokenizer_finetune")),
+    (("feature_net", "assemble", "stage1", "stage2", "stage3", "final", "eval"),),
+)
+"""Phases, one after another; a phase is lanes of steps that may run side by side (``workers >= 2``).
+
+The middle phase holds two independent chains: the visual decoder's pretraining on the VQ-VAE's codes,
+and the LLM, the LLaVA built on it and the VQ-VAE's decoder finetuning. On 2 CPU cores two one-thread
+processes do more work per second than one two-thread process (these small models gain 1.3-1.7x from
+a second thread), and in the tiny preset the two lanes take about equally long (452 and 455 s at one
+thread each). The lanes hold steps whose numbers do not depend on the thread count (the LLM, LLaVA
+and visual decoder train bit for bit alike on 1 and 2 threads; the finetuning to ~1e-7): a run with
+``workers=2`` trains the same models as one with ``workers=1``. The convolutional vision tower and FID
+feature net do depend on it (oneDNN's convolution weight gradients and LayerNorm's affine gradients
+are summed per thread), so they run outside the lanes, with every thread.
+"""
+
+
+def check_plan(plan: tuple[tuple[tuple[str, ...], ...], ...] = PLAN,
+               steps: tuple[Step, ...] = STEPS) -> None:
+    """Raise ``ValueError`` unless ``plan`` runs every step once, each after the steps it reads.
+
+    A step's ``after`` must be in an earlier phase or earlier in its own lane, so that lanes never wait
+    on each other and one worker can run the plan flattened.
+    """
+    seen: set[str] = set()
+    flat = [name for phase in plan for lane in phase for name in lane]
+    if sorted(flat) != sorted(s.name for s in steps):
+        raise ValueError(f"the plan must hold every step exactly once: {flat} vs {[s.name for s in steps]}")
+    by_name = {s.name: s for s in steps}
+    for phase in plan:
+        done_in_phase: set[str] = set()
+        for lane in phase:
+            ready = set(seen)
+            for name in lane:
+                missing = set(by_name[name].after) - ready
+                if missing:
+                    raise ValueError(f"step {name!r} reads {sorted(missing)}, which the plan does not finish "
+                                     "before it (in an earlier phase or earlier in its lane)")
+                ready.add(name)
+            done_in_phase.update(lane)
+        seen |= done_in_phase
+
+
+def default_workers() -> int:
+    """Lanes run side by side by default on a CPU with at least 2 threads (one thread each); with CUDA,
+    or one thread, steps run one after another."""
+    import torch
+
+    return 1 if torch.cuda.is_available() or torch.get_num_threads() < 2 else 2
 
 
 def run_recipe(
     *, out_dir: str | Path, preset: str = "tiny", data_dir: str | Path | None = None, seed: int = 0,
-    progress: bool = True, smoke: bool = False, only: Collection[str] | None = None,
+    progress: bool = True, smoke: bool = False, only: Collection[str] | None = None, workers: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every step of the recipe and write ``out_dir/metrics.json``.
 
@@ -292,22 +365,39 @@ def run_recipe(
             In smoke mode the steps after ``data`` read a stratified copy of at most a few hundred of its
             records (``out_dir/smoke_data``); ``data`` still checks every record.
         seed: seed of every step.
-        progress: show progress bars.
+        progress: show progress bars (side-by-side lanes show one bar per phase, their steps none).
         smoke: check that the data goes through every step: a handful of optimiser steps per step and
             a few evaluation samples (:data:`SMOKE`); the numbers mean nothing.
         only: run only these steps (names of :data:`STEPS`, run in recipe order), e.g. the prefix up to
             ``assemble`` that ``vargpt ablate`` shares; finished steps outside it still enter ``metrics.json``.
             None runs every step.
+        workers: how many lanes of a :data:`PLAN` phase run side by side, each in its own process with
+            ``torch.get_num_threads() // lanes`` threads (default :func:`default_workers`). 1 runs every
+            step in this process, one after another, with all threads. A step's numbers depend on its
+            thread count (floating-point sums), so runs with other ``workers`` are other samples of the
+            recipe; runs with the same ``workers`` on the same machine repeat to the last digit. Lanes
+            are spawned processes: a script that calls this with ``workers >= 2`` needs the usual
+            ``if __name__ == "__main__":`` guard of :mod:`multiprocessing`.
 
     Returns:
         The metrics dict written to ``metrics.json``.
+
+    Raises:
+        ValueError: an unknown preset or step name, or a run folder made in the other (smoke / full) mode.
+        ConfigError: ``workers < 1``.
     """
-    from vargpt.config import VARGPTConfig
+    import torch
+
+    from vargpt.config import ConfigError, VARGPTConfig
 
     VARGPTConfig.from_name(preset)  # fail fast on an unknown preset
-    unknown = set(only or ()) - {s.name for s in STEPS}
+    check_plan()
+    unknown = set(only or ()) - set(STEP_BY_NAME)
     if unknown:
         raise ValueError(f"unknown recipe steps {sorted(unknown)}; choose from {[s.name for s in STEPS]}")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"workers={workers}: must be >= 1 (1 runs the steps one after another)")
     out = Path(out_dir)
     (out / "steps").mkdir(parents=True, exist_ok=True)
     user_data = Path(data_dir) if data_dir is not None else None
@@ -316,26 +406,146 @@ def run_recipe(
                      user_data=user_data)
     t_start = time.perf_counter()
     steps: dict[str, Any] = {}
-    for step in STEPS:
-        marker = out / "steps" / f"{step.name}.json"
+    for name in STEP_BY_NAME:  # finished steps, from this or an earlier call
+        marker = out / "steps" / f"{name}.json"
         if marker.is_file():
-            steps[step.name] = json.loads(marker.read_text())
-            if steps[step.name].get("smoke", False) != smoke:
-                raise ValueError(f"{out}: step {step.name!r} was run with smoke={not smoke}; "
+            steps[name] = json.loads(marker.read_text())
+            if steps[name].get("smoke", False) != smoke:
+                raise ValueError(f"{out}: step {name!r} was run with smoke={not smoke}; "
                                  "use another run folder for smoke and full runs")
-            logger.info("step %-10s already done (%.1f s), skipped", step.name, steps[step.name]["wall_seconds"])
-            continue
-        if only is not None and step.name not in only:
-            continue
-        logger.info("step %-10s %s", step.name, step.description)
-        t0 = time.perf_counter()
-        result = step.fn(ctx)
-        steps[step.name] = {"result": result, "wall_seconds": round(time.perf_counter() - t0, 2), "smoke": smoke}
-        marker.write_text(json.dumps(steps[step.name], indent=2, default=str) + "\n")
+            logger.info("step %-18s already done (%.1f s), skipped", name, steps[name]["wall_seconds"])
+    for i, phase in enumerate(PLAN):
+        lanes = [todo for lane in phase
+                 if (todo := [n for n in lane if n not in steps and (only is None or n in only)])]
+        if workers >= 2 and len(lanes) >= 2:
+            threads = max(1, torch.get_num_threads() // min(workers, len(lanes)))
+            steps |= _run_lanes(lanes, ctx, threads=threads, progress=progress,
+                                desc=f"phase {i + 1}/{len(PLAN)}")
+        else:
+            for name in (n for lane in lanes for n in lane):
+                logger.info("step %-18s %s", name, STEP_BY_NAME[name].description)
+                steps[name] = _run_step(STEP_BY_NAME[name], ctx)
     metrics = _collect_metrics(steps, preset=preset, seed=seed,
                                total=round(time.perf_counter() - t_start, 2)) | {"smoke": smoke}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return metrics
+
+
+def _run_step(step: Step, ctx: RunContext, lane: int | None = None) -> dict[str, Any]:
+    """Run one step and write its marker (atomically): the result, wall time, threads and when it ran."""
+    import os
+
+    import torch
+
+    started, t0 = time.time(), time.perf_counter()
+    result = step.fn(ctx)
+    entry = {"result": result, "wall_seconds": round(time.perf_counter() - t0, 2), "smoke": ctx.smoke,
+             "threads": torch.get_num_threads(), "lane": lane, "pid": os.getpid(), "started": round(started, 3),
+             "finished": round(time.time(), 3)}
+    marker = ctx.out / "steps" / f"{step.name}.json"
+    tmp = marker.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entry, indent=2, default=str) + "\n")
+    os.replace(tmp, marker)
+    return entry
+
+
+def _lane_worker(fields: dict[str, Any], names: list[str], lane: int, threads: int, events: Any,
+                 log_level: int) -> None:
+    """Body of a lane's process (spawned): run ``names`` in order at ``threads`` threads, reporting to
+    ``events`` ("start" / "done" / "error" tuples)."""
+    import pickle
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level, format=f"%(levelname)s [lane {lane + 1}] %(name)s: %(message)s")
+    ctx = RunContext(**fields)
+    for name in names:
+        events.put(("start", name, lane))
+        try:
+            entry = _run_step(STEP_BY_NAME[name], ctx, lane=lane)
+        except KeyboardInterrupt:
+            return
+        except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which raises it
+            try:
+                error: Any = pickle.loads(pickle.dumps(e))
+            except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
+                error = None
+            events.put(("error", name, (error, f"{type(e).__name__}: {e}", traceback.format_exc())))
+            return
+        events.put(("done", name, entry))
+
+
+def _run_lanes(lanes: list[list[str]], ctx: RunContext, *, threads: int, progress: bool,
+               desc: str) -> dict[str, Any]:
+    """Run ``lanes`` side by side, one spawned process each (``threads`` threads); return their markers.
+
+    A failing step stops the other lanes (their finished steps keep their markers, an interrupted step
+    resumes from its last checkpoint on rerun) and is raised here: the step's own exception when it
+    pickles (so a ``ConfigError`` still reads as one line), else a ``RuntimeError`` with its traceback.
+    """
+    import multiprocessing as mp
+    import queue
+
+    from tqdm.auto import tqdm
+
+    from vargpt.errors import USER_ERRORS
+
+    spawn = mp.get_context("spawn")  # fork would copy this process's OpenMP thread pool
+    events = spawn.Queue()
+    fields = {"out": ctx.out, "preset": ctx.preset, "data_dir": ctx.data_dir, "seed": ctx.seed, "progress": False,
+              "smoke": ctx.smoke, "user_data": ctx.user_data}
+    level = logging.getLogger().getEffectiveLevel()
+    procs = [spawn.Process(target=_lane_worker, args=(fields, lane, i, threads, events, level),
+                           name=f"vargpt-lane-{i + 1}") for i, lane in enumerate(lanes)]
+    pending = {n for lane in lanes for n in lane}
+    running: dict[str, float] = {}
+    done: dict[str, Any] = {}
+    strikes = 0
+    logger.info("%s: %d lanes side by side, %d thread(s) each: %s", desc, len(lanes), threads,
+                " | ".join(", ".join(lane) for lane in lanes))
+    bar = tqdm(total=len(pending), desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for p in procs:
+            p.start()
+        while pending:
+            try:
+                kind, name, payload = events.get(timeout=1.0)
+            except queue.Empty:
+                # a lane whose process is gone with steps left (killed: out of memory?), after 3 quiet seconds
+                dead = [(p, left) for p, lane in zip(procs, lanes, strict=True)
+                        if p.exitcode is not None and (left := [n for n in lane if n in pending])]
+                strikes = strikes + 1 if dead else 0
+                if strikes >= 3:
+                    p, left = dead[0]
+                    raise RuntimeError(f"{p.name} exited with code {p.exitcode} before finishing {left} "
+                                       "(killed, e.g. out of memory? see the log above); rerun to resume") from None
+                bar.set_postfix_str(", ".join(f"{n} {time.perf_counter() - t:.0f}s" for n, t in running.items()))
+                continue
+            if kind == "start":
+                running[name] = time.perf_counter()
+                logger.info("step %-18s %s (lane %d)", name, STEP_BY_NAME[name].description, payload + 1)
+            elif kind == "done":
+                running.pop(name, None)
+                pending.discard(name)
+                done[name] = payload
+                logger.info("step %-18s done in %.1f s", name, payload["wall_seconds"])
+                bar.update(1)
+            else:
+                error, text, trace = payload
+                if isinstance(error, USER_ERRORS):
+                    logger.debug("step %s failed:\n%s", name, trace)
+                    raise error
+                raise RuntimeError(f"step {name!r} failed in its lane: {text}\n{trace}") from error
+    finally:
+        bar.close()
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()
+    return done
 
 
 def _collect_metrics(steps: dict[str, Any], *, preset: str, seed: int, total: float) -> dict[str, Any]:
@@ -344,7 +554,8 @@ def _collect_metrics(steps: dict[str, Any], *, preset: str, seed: int, total: fl
     import vargpt
 
     results = {k: v["result"] for k, v in steps.items()}
-    ev, tok = results.get("eval", {}), results.get("tokenizer", {})
+    ev = results.get("eval", {})
+    tok = results.get("tokenizer_finetune") or results.get("tokenizer", {})  # the tokenizer the model ships
     return {
         "understanding_accuracy": ev.get("understanding_accuracy"),
         "generation_accuracy": ev.get("generation_accuracy"),
@@ -357,9 +568,26 @@ def _collect_metrics(steps: dict[str, Any], *, preset: str, seed: int, total: fl
         "preset": preset,
         "seed": seed,
         "steps": {k: v["wall_seconds"] for k, v in steps.items()},
+        "step_threads": {k: v.get("threads") for k, v in steps.items()},
         "results": results,
         "total_wall_seconds_this_invocation": total,
-        "total_wall_seconds": round(sum(v["wall_seconds"] for v in steps.values()), 2),
+        "total_wall_seconds": _critical_wall_seconds(steps),
         "versions": {"vargpt": vargpt.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
     }
+
+
+def _critical_wall_seconds(steps: dict[str, Any]) -> float:
+    """The whole recipe's wall time from its steps' markers: per :data:`PLAN` phase, the steps run one
+    after another plus the longest of the lanes that ran side by side (markers with a ``lane``)."""
+    total = 0.0
+    for phase in PLAN:
+        serial, lanes = 0.0, {}
+        for name in (n for lane in phase for n in lane if n in steps):
+            entry = steps[name]
+            if entry.get("lane") is None:
+                serial += entry["wall_seconds"]
+            else:
+                lanes[entry["lane"]] = lanes.get(entry["lane"], 0.0) + entry["wall_seconds"]
+        total += serial + max(lanes.values(), default=0.0)
+    return round(total, 2)

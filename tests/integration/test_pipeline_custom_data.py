@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
-from vargpt.recipe import STEPS, run_recipe
+from vargpt.recipe import PLAN, STEPS, run_recipe
 
 COLOURS = {"crimson": (200, 20, 60), "teal": (0, 128, 128), "gold": (230, 180, 0), "navy": (20, 20, 110)}
 PATTERNS = ("horizontal stripes", "vertical stripes", "gradient")
@@ -76,8 +78,48 @@ def write_stripes(root: Path, *, classes: bool, n_train: int = 24, n_test: int =
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("custom")
     data = write_stripes(root / "data", classes=True)
-    metrics = run_recipe(out_dir=root / "run", data_dir=data, smoke=True, progress=False)
+    metrics = run_recipe(out_dir=root / "run", data_dir=data, smoke=True, progress=False, workers=2)
     return root, data, metrics
+
+
+def _markers(run: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (run / "steps").glob("*.json")}
+
+
+def test_independent_steps_ran_side_by_side(smoke_run):
+    """workers=2: the middle phase's two lanes ran in two processes of their own, the rest here."""
+    root, _, m = smoke_run
+    markers, here = _markers(root / "run"), os.getpid()
+    lanes = next(phase for phase in PLAN if len(phase) == 2)
+    pids = []
+    for i, lane in enumerate(lanes):
+        assert {markers[n]["lane"] for n in lane} == {i}
+        assert {markers[n]["threads"] for n in lane} == {max(1, torch.get_num_threads() // 2)}
+        (pid,) = {markers[n]["pid"] for n in lane}
+        pids.append(pid)
+    assert len({*pids, here}) == 3
+    alone = [n for phase in PLAN if len(phase) == 1 for n in phase[0]]
+    assert {markers[n]["pid"] for n in alone} == {here} and {markers[n]["lane"] for n in alone} == {None}
+    serial_sum = sum(m["steps"].values())
+    assert m["total_wall_seconds"] < serial_sum  # the lanes' time overlaps
+    assert m["step_threads"]["eval"] == torch.get_num_threads()
+
+
+def test_a_failing_lane_stops_the_run_with_its_error(tmp_path):
+    """A step failing in a lane is raised here (the user error itself), and no lane process is left."""
+    import multiprocessing
+
+    from vargpt.training.checkpoint import CheckpointError
+
+    data = write_stripes(tmp_path / "data", classes=True, n_train=8, n_test=4)
+    run = tmp_path / "run"
+    run_recipe(out_dir=run, data_dir=data, smoke=True, progress=False, only=["data", "tokenizer"])
+    for f in (run / "tokenizer_main").iterdir():  # the codes' checkpoint is gone: the lanes cannot go on
+        f.unlink()
+    with pytest.raises(CheckpointError):
+        run_recipe(out_dir=run, data_dir=data, smoke=True, progress=False, workers=2)
+    assert not multiprocessing.active_children()
+    assert not (run / "steps" / "assemble.json").exists()
 
 
 def test_smoke_pipeline_on_custom_data(smoke_run):
@@ -130,8 +172,11 @@ def test_rerun_skips_finished_steps(smoke_run):
 
 def test_smoke_pipeline_without_any_class(tmp_path):
     data = write_stripes(tmp_path / "data", classes=False, n_train=12, n_test=6)
-    m = run_recipe(out_dir=tmp_path / "run", data_dir=data, smoke=True, progress=False)
+    m = run_recipe(out_dir=tmp_path / "run", data_dir=data, smoke=True, progress=False, workers=1)
     assert set(m["steps"]) == {s.name for s in STEPS}
+    markers = _markers(tmp_path / "run")  # one worker: every step here, one after another
+    assert {v["pid"] for v in markers.values()} == {os.getpid()} and {v["lane"] for v in markers.values()} == {None}
+    assert m["total_wall_seconds"] == pytest.approx(sum(m["steps"].values()), abs=0.05)
     dec = m["results"]["decoder"]
     assert dec["classes"] == 0 and dec["unconditional_train_images"] == dec["train_images"] == 12
     assert m["results"]["stage1"]["train_records"] == 6  # no class prompts: every generation record

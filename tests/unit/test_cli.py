@@ -35,3 +35,15 @@ def test_console_script_runs():
 def test_train_stage_without_from_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "stage1", "--out", str(tmp_path / "o"), "--data", str(tmp_path)]) == 2
     assert "needs --from DIR" in capsys.readouterr().err
+
+
+def test_train_tokenizer_from_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "tokenizer", "--out", str(tmp_path / "o"), "--data", str(tmp_path),
+                 "--from", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "init_from" in err and "not a tokenizer checkpoint" in err and "Traceback" not in err
+
+
+def test_pipeline_workers_must_be_positive(tmp_path, capsys):
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--workers", "0", "--quiet"]) == 2
+    assert "workers=0: must be >= 1" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from vargpt.data.records import image_to_tensor, load_image, load_records, uniqu
 from vargpt.tokenizer.quantizer import usage_fraction
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
 from vargpt.training.checkpoint import (
+    CheckpointError,
     is_checkpoint,
     load_checkpoint,
     rng_state,
@@ -325,10 +326,15 @@ def _checkpoint(out_dir: Path, model: MultiScaleVQVAE, opt, sched, st: _State, r
 
 def _setup(
     out_dir: Path, preset: str, recipe: TokenizerRecipe, resume: bool, seed: int, total: int,
+    init_from: Path | None = None,
 ) -> tuple[MultiScaleVQVAE, torch.optim.Optimizer, Any, _State]:
     state = config = trainer = None
-    if resume and is_checkpoint(out_dir):
-        state, config, trainer = load_checkpoint(out_dir)
+    src = out_dir if resume and is_checkpoint(out_dir) else init_from
+    if src is not None:
+        if not is_checkpoint(src):
+            raise CheckpointError(f"init_from={src}: not a tokenizer checkpoint (train one with "
+                                  "`vargpt train tokenizer` first)")
+        state, config, trainer = load_checkpoint(src)
     elif resume:
         logger.info("resume requested but %s holds no checkpoint; starting from scratch", out_dir)
     cfg: VQVAEConfig = vqvae_config_from_dict(config) if config else VARGPTConfig.from_name(preset).vqvae
@@ -348,7 +354,7 @@ def _setup(
                         train_seconds=trainer["train_seconds"], restarted=trainer["restarted"],
                         history=trainer["history"], replay=trainer.get("replay"),
                         finetune=trainer.get("finetune"))
-        logger.info("resumed from %s at step %d", out_dir, st.step)
+        logger.info("resumed from %s at step %d", src, st.step)
     model.train()
     return model, opt, sched, st
 
@@ -434,6 +440,7 @@ def train_tokenizer(
     replay_fraction: float | None = None,
     edge_weight: float | None = None,
     finetune_steps: int | None = None,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the preset's multi-scale VQ-VAE on the images of ``data_dir`` and checkpoint it to ``out_dir``.
 
@@ -455,9 +462,14 @@ def train_tokenizer(
             :attr:`TokenizerRecipe.edge_weight`; see :func:`contrast_weights`).
         finetune_steps: steps of the decoder finetuning after the main phase (default: the recipe's
             :attr:`TokenizerRecipe.finetune`; 0 = none). It runs once the main phase has all its steps.
+        init_from: start from this checkpoint (weights, optimiser, step, finetuning state) when ``out_dir``
+            holds none; ``out_dir`` gets its own copy and ``init_from`` is never written. The recipe uses
+            it to finetune the decoder of a finished main phase (run with ``finetune_steps=0``) in another
+            folder, while the main phase's codes already feed the visual decoder's pretraining.
 
     Raises:
         ConfigError: ``finetune_steps`` is negative, or positive for a recipe without finetuning.
+        CheckpointError: ``init_from`` is not a checkpoint.
 
     Returns:
         Metrics: steps, train_seconds, images_per_second, final training loss terms, held-out ``psnr``
@@ -483,7 +495,8 @@ def train_tokenizer(
         recipe = dataclasses.replace(recipe, finetune=finetune)
     tc, out = recipe.train, Path(out_dir)
 
-    model, opt, sched, st = _setup(out, preset, recipe, resume, seed, tc.max_steps)
+    model, opt, sched, st = _setup(out, preset, recipe, resume, seed, tc.max_steps,
+                                   init_from=Path(init_from) if init_from is not None else None)
     t0 = time.perf_counter()
     train_N3HW = split_images(data_dir, "train", model.cfg.image_size)
     if train_N3HW is None:
@@ -555,10 +568,10 @@ def train_tokenizer(
         "steps": st.step,
         "batch_size": tc.batch_size,
         "train_seconds": round(st.train_seconds + (fs["seconds"] if fs else 0.0), 2),
-        "images_per_second": round(steps_run * tc.batch_size / loop_seconds, 1) if steps_run else math.nan,
+        "images_per_second": round(steps_run * tc.batch_size / loop_seconds, 1) if steps_run else None,
         "load_seconds": round(load_seconds, 2),
         "threads": torch.get_num_threads(),
-        "initial_loss": round(initial_loss, 5),
+        "initial_loss": None if math.isnan(initial_loss) else round(initial_loss, 5),  # None: no step run now
         "train_loss": {k: round(v, 5) for k, v in last.items() if k != "hits_SV"},
         "psnr": round(ev["psnr"], 3),
         "codebook_usage": ev["codebook_usage"],

@@ -203,3 +203,28 @@ def test_decoder_finetuning_resumes_exactly(folder, tmp_path, monkeypatch):
         torch.testing.assert_close(b_state[k], v, rtol=0, atol=1e-6, msg=k)
     with pytest.raises(ConfigError, match="finetune_steps"):
         train_tokenizer(out_dir=tmp_path / "bad", data_dir=folder, max_steps=1, progress=False, finetune_steps=-1)
+
+
+def test_finetuning_a_copied_main_phase_equals_one_run(folder, tmp_path, monkeypatch):
+    """The recipe's split: the main phase in one folder, its decoder finetuned in another (``init_from``)."""
+    from vargpt.training.checkpoint import CheckpointError
+
+    torch.set_num_threads(1)
+    recipe = RECIPES["tiny"]
+    monkeypatch.setitem(RECIPES, "tiny", dataclasses.replace(
+        recipe, finetune=dataclasses.replace(recipe.finetune, batch_size=4)))
+    kw = dict(data_dir=folder, max_steps=4, batch_size=4, progress=False)
+    train_tokenizer(out_dir=tmp_path / "one", finetune_steps=5, **kw)
+    main = train_tokenizer(out_dir=tmp_path / "main", finetune_steps=0, **kw)
+    assert main["finetune"] is None and not main["stopped_early"]
+    main_bytes = {p.name: p.read_bytes() for p in (tmp_path / "main").iterdir()}
+    tuned = train_tokenizer(out_dir=tmp_path / "tuned", init_from=tmp_path / "main", resume=True,
+                            finetune_steps=5, **kw)
+    assert tuned["steps"] == 4 and tuned["finetune"]["steps"] == 5 and tuned["initial_loss"] is None
+    assert {p.name: p.read_bytes() for p in (tmp_path / "main").iterdir()} == main_bytes  # never written
+    a_state, _, _ = load_checkpoint(tmp_path / "one")
+    b_state, _, _ = load_checkpoint(tmp_path / "tuned")
+    for k, v in a_state.items():
+        assert torch.equal(b_state[k], v), k
+    with pytest.raises(CheckpointError, match="init_from"):
+        train_tokenizer(out_dir=tmp_path / "x", init_from=tmp_path / "nothing", **kw)

@@ -1,0 +1,44 @@
+"""The recipe's plan: every step once, each after the steps whose outputs it reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from vargpt.recipe import PLAN, STEP_BY_NAME, STEPS, Step, _critical_wall_seconds, check_plan
+
+
+def test_the_recipe_plan_is_valid():
+    check_plan()
+    assert [s.name for s in STEPS] == [n for phase in PLAN for lane in phase for n in lane]
+    assert all(dep in STEP_BY_NAME for s in STEPS for dep in s.after)
+    # the two side-by-side chains of the middle phase read nothing of each other
+    (a, b) = next(phase for phase in PLAN if len(phase) == 2)
+    assert not {d for n in a for d in STEP_BY_NAME[n].after} & set(b)
+    assert not {d for n in b for d in STEP_BY_NAME[n].after} & set(a)
+
+
+def _steps(*spec: tuple[str, tuple[str, ...]]) -> tuple[Step, ...]:
+    return tuple(Step(name, lambda ctx: {}, name, after=after) for name, after in spec)
+
+
+def test_check_plan_rejects_bad_plans():
+    steps = _steps(("a", ()), ("b", ("a",)), ("c", ("a",)), ("d", ("b", "c")))
+    check_plan(((("a",),), (("b",), ("c",)), (("d",),)), steps)
+    with pytest.raises(ValueError, match="exactly once"):
+        check_plan(((("a",),), (("b",), ("c",))), steps)
+    with pytest.raises(ValueError, match="'b' reads"):  # b before a, in one lane
+        check_plan(((("b", "a"),), (("c", "d"),)), steps)
+    with pytest.raises(ValueError, match="'d' reads"):  # d beside the lane of b, which it reads
+        check_plan(((("a",),), (("b",), ("c", "d"))), steps)
+
+
+def test_wall_time_of_side_by_side_lanes_is_the_longest_lane():
+    first, middle, last = PLAN
+    steps = {n: {"wall_seconds": 1.0, "lane": None} for n in first[0]}
+    steps |= {n: {"wall_seconds": 10.0, "lane": 0} for n in middle[0]}
+    steps |= {n: {"wall_seconds": 1.0, "lane": 1} for n in middle[1]}
+    steps |= {n: {"wall_seconds": 2.0, "lane": None} for n in last[0]}
+    expected = len(first[0]) + max(10.0 * len(middle[0]), len(middle[1])) + 2.0 * len(last[0])
+    assert _critical_wall_seconds(steps) == expected
+    serial = {n: {"wall_seconds": 1.0} for n in STEP_BY_NAME}  # markers of one worker: plain sum
+    assert _critical_wall_seconds(serial) == len(STEPS)
