@@ -449,10 +449,10 @@ def _run_step(step: Step, ctx: RunContext, lane: int | None = None) -> dict[str,
     return entry
 
 
-def _lane_worker(fields: dict[str, Any], names: list[str], lane: int, threads: int, events: Any,
+def _lane_worker(fields: dict[str, Any], names: list[str], lane: int, threads: int, conn: Any,
                  log_level: int) -> None:
-    """Body of a lane's process (spawned): run ``names`` in order at ``threads`` threads, reporting to
-    ``events`` ("start" / "done" / "error" tuples)."""
+    """Body of a lane's process (spawned): run ``names`` in order at ``threads`` threads, sending
+    ("start" / "done" / "error", step, payload) tuples through ``conn`` (its end of a pipe)."""
     import pickle
     import traceback
 
@@ -461,20 +461,23 @@ def _lane_worker(fields: dict[str, Any], names: list[str], lane: int, threads: i
     torch.set_num_threads(threads)
     logging.basicConfig(level=log_level, format=f"%(levelname)s [lane {lane + 1}] %(name)s: %(message)s")
     ctx = RunContext(**fields)
-    for name in names:
-        events.put(("start", name, lane))
-        try:
-            entry = _run_step(STEP_BY_NAME[name], ctx, lane=lane)
-        except KeyboardInterrupt:
-            return
-        except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which raises it
+    try:
+        for name in names:
+            conn.send(("start", name, lane))
             try:
-                error: Any = pickle.loads(pickle.dumps(e))
-            except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
-                error = None
-            events.put(("error", name, (error, f"{type(e).__name__}: {e}", traceback.format_exc())))
-            return
-        events.put(("done", name, entry))
+                entry = _run_step(STEP_BY_NAME[name], ctx, lane=lane)
+            except KeyboardInterrupt:
+                return
+            except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which raises it
+                try:
+                    error: Any = pickle.loads(pickle.dumps(e))
+                except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
+                    error = None
+                conn.send(("error", name, (error, f"{type(e).__name__}: {e}", traceback.format_exc())))
+                return
+            conn.send(("done", name, entry))
+    finally:
+        conn.close()
 
 
 def _run_lanes(lanes: list[list[str]], ctx: RunContext, *, threads: int, progress: bool,
@@ -484,67 +487,77 @@ def _run_lanes(lanes: list[list[str]], ctx: RunContext, *, threads: int, progres
     A failing step stops the other lanes (their finished steps keep their markers, an interrupted step
     resumes from its last checkpoint on rerun) and is raised here: the step's own exception when it
     pickles (so a ``ConfigError`` still reads as one line), else a ``RuntimeError`` with its traceback.
+    A lane process that dies without a word (killed, e.g. for memory) is a ``RuntimeError`` too.
     """
     import multiprocessing as mp
-    import queue
+    import os
+    import signal
+    from multiprocessing.connection import wait
 
     from tqdm.auto import tqdm
 
     from vargpt.errors import USER_ERRORS
 
     spawn = mp.get_context("spawn")  # fork would copy this process's OpenMP thread pool
-    events = spawn.Queue()
     fields = {"out": ctx.out, "preset": ctx.preset, "data_dir": ctx.data_dir, "seed": ctx.seed, "progress": False,
               "smoke": ctx.smoke, "user_data": ctx.user_data}
     level = logging.getLogger().getEffectiveLevel()
-    procs = [spawn.Process(target=_lane_worker, args=(fields, lane, i, threads, events, level),
+    pipes = [spawn.Pipe(duplex=False) for _ in lanes]  # one pipe a lane: EOF when its process ends
+    procs = [spawn.Process(target=_lane_worker, args=(fields, lane, i, threads, pipes[i][1], level),
                            name=f"vargpt-lane-{i + 1}") for i, lane in enumerate(lanes)]
     pending = {n for lane in lanes for n in lane}
     running: dict[str, float] = {}
     done: dict[str, Any] = {}
-    strikes = 0
     logger.info("%s: %d lanes side by side, %d thread(s) each: %s", desc, len(lanes), threads,
                 " | ".join(", ".join(lane) for lane in lanes))
     bar = tqdm(total=len(pending), desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     try:
-        for p in procs:
+        for p, (_, send) in zip(procs, pipes, strict=True):
             p.start()
+            send.close()  # the child holds the only writing end now
+        readers = {recv: i for i, (recv, _) in enumerate(pipes)}
         while pending:
-            try:
-                kind, name, payload = events.get(timeout=1.0)
-            except queue.Empty:
-                # a lane whose process is gone with steps left (killed: out of memory?), after 3 quiet seconds
-                dead = [(p, left) for p, lane in zip(procs, lanes, strict=True)
-                        if p.exitcode is not None and (left := [n for n in lane if n in pending])]
-                strikes = strikes + 1 if dead else 0
-                if strikes >= 3:
-                    p, left = dead[0]
-                    raise RuntimeError(f"{p.name} exited with code {p.exitcode} before finishing {left} "
-                                       "(killed, e.g. out of memory? see the log above); rerun to resume") from None
-                bar.set_postfix_str(", ".join(f"{n} {time.perf_counter() - t:.0f}s" for n, t in running.items()))
-                continue
-            if kind == "start":
-                running[name] = time.perf_counter()
-                logger.info("step %-18s %s (lane %d)", name, STEP_BY_NAME[name].description, payload + 1)
-            elif kind == "done":
-                running.pop(name, None)
-                pending.discard(name)
-                done[name] = payload
-                logger.info("step %-18s done in %.1f s", name, payload["wall_seconds"])
-                bar.update(1)
-            else:
-                error, text, trace = payload
-                if isinstance(error, USER_ERRORS):
-                    logger.debug("step %s failed:\n%s", name, trace)
-                    raise error
-                raise RuntimeError(f"step {name!r} failed in its lane: {text}\n{trace}") from error
+            for recv in wait(list(readers), timeout=1.0):
+                i = readers[recv]
+                try:
+                    kind, name, payload = recv.recv()
+                except EOFError:  # the lane's process has ended
+                    del readers[recv]
+                    left = [n for n in lanes[i] if n in pending]
+                    if left:
+                        procs[i].join()
+                        raise RuntimeError(f"{procs[i].name} exited with code {procs[i].exitcode} before "
+                                           f"finishing {left} (killed, e.g. out of memory? see the log above); "
+                                           "rerun to resume") from None
+                    continue
+                if kind == "start":
+                    running[name] = time.perf_counter()
+                    logger.info("step %-18s %s (lane %d)", name, STEP_BY_NAME[name].description, payload + 1)
+                elif kind == "done":
+                    running.pop(name, None)
+                    pending.discard(name)
+                    done[name] = payload
+                    logger.info("step %-18s done in %.1f s", name, payload["wall_seconds"])
+                    bar.update(1)
+                else:
+                    error, text, trace = payload
+                    if isinstance(error, USER_ERRORS):
+                        logger.debug("step %s failed:\n%s", name, trace)
+                        raise error
+                    raise RuntimeError(f"step {name!r} failed in its lane: {text}\n{trace}") from error
+            bar.set_postfix_str(", ".join(f"{n} {time.perf_counter() - t:.0f}s" for n, t in running.items()))
     finally:
         bar.close()
+        for p in procs:  # stop what still runs as Ctrl-C would: it exits cleanly, its checkpoints are atomic
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
         for p in procs:
+            p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-        for p in procs:
-            p.join()
+                p.join()
+        for recv, _ in pipes:
+            recv.close()
     return done
 
 
