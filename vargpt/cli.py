@@ -47,11 +47,32 @@ def _config_show(a: argparse.Namespace) -> None:
     print(VARGPTConfig.from_name(a.preset).to_json(), end="")
 
 
+def _step_overrides(pairs: list[str]) -> dict[str, dict[str, object]]:
+    """``["decoder.max_steps=500", ...]`` -> ``{"decoder": {"max_steps": 500}}`` (values read as JSON, else text)."""
+    import json
+
+    from vargpt.config import ConfigError
+
+    out: dict[str, dict[str, object]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        step, dot, name = key.partition(".")
+        if not (sep and dot and step and name):
+            raise ConfigError(f"--set {pair!r}: write STEP.ARGUMENT=VALUE, e.g. --set decoder.max_steps=500")
+        try:
+            value: object = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(step, {})[name] = value
+    return out
+
+
 def _recipe(a: argparse.Namespace) -> None:
     from vargpt.recipe import run_recipe
 
     _print_json(run_recipe(out_dir=a.out, preset=a.preset, data_dir=a.data, seed=a.seed,
-                           progress=not a.quiet, smoke=a.smoke, workers=a.workers))
+                           progress=not a.quiet, smoke=a.smoke, workers=a.workers,
+                           step_overrides=_step_overrides(a.set)))
 
 
 def _ablate(a: argparse.Namespace) -> None:
@@ -174,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None,
                    help="independent steps run side by side in this many processes, splitting the CPU threads "
                         "(default: 2 on a CPU with >= 2 threads, 1 with CUDA; 1 = one step at a time)")
+    s.add_argument("--set", action="append", default=[], metavar="STEP.ARG=VALUE",
+                   help="override a step's training argument, e.g. --set decoder.max_steps=500 "
+                        "--set tokenizer_finetune.finetune_steps=1200 (repeatable; applies to steps not yet done)")
     s.set_defaults(func=_recipe)
 
     # vargpt ablate

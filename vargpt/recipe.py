@@ -49,9 +49,16 @@ class RunContext:
     """A :class:`vargpt.data.datasets.EncoderCache` shared by the steps of one call (stages 1-3 encode the
     same images with the same frozen encoders)."""
 
-    def limits(self, step: str) -> dict[str, Any]:
-        """The keyword overrides of ``step`` in smoke mode (:data:`SMOKE`), else none."""
-        return dict(SMOKE.get(step, {})) if self.smoke else {}
+    step_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keyword arguments per step name for its trainer (``run_recipe(step_overrides=...)``)."""
+
+    def limits(self, *keys: str) -> dict[str, Any]:
+        """The keyword overrides of a step: its :data:`SMOKE` entries in smoke mode, then the user's
+        ``step_overrides``, for each of ``keys`` in turn (later keys win)."""
+        out: dict[str, Any] = {}
+        for key in keys:
+            out |= (SMOKE.get(key, {}) if self.smoke else {}) | self.step_overrides.get(key, {})
+        return out
 
 
 SMOKE: dict[str, dict[str, Any]] = {
@@ -168,7 +175,7 @@ def _step_tokenizer_finetune(ctx: RunContext) -> dict[str, Any]:
     # ships). The codes stay the main phase's, so the visual decoder can pretrain on them meanwhile.
     return train_tokenizer(data_dir=ctx.data_dir, out_dir=ctx.out / "tokenizer", preset=ctx.preset, resume=True,
                            init_from=ctx.out / "tokenizer_main", seed=ctx.seed, progress=ctx.progress,
-                           **ctx.limits("tokenizer"))
+                           **ctx.limits("tokenizer", "tokenizer_finetune"))
 
 
 def _step_text_tokenizer(ctx: RunContext) -> dict[str, Any]:
@@ -239,7 +246,8 @@ def _stage(n: int) -> Callable[[RunContext], dict[str, Any]]:
             return {"stage": f"stage{n}", "skipped": f"no training records for this stage ({spec.description})"}
         return train_stage(f"stage{n}", from_dir=ctx.out / f"stage{n - 1}", data_dir=ctx.data_dir,
                            out_dir=ctx.out / f"stage{n}", preset=ctx.preset, resume=True, seed=ctx.seed,
-                           progress=ctx.progress, encoder_cache=ctx.encoder_cache, **ctx.limits("stage"))
+                           progress=ctx.progress, encoder_cache=ctx.encoder_cache,
+                           **ctx.limits("stage", f"stage{n}"))
 
     return run
 
@@ -355,6 +363,7 @@ def default_workers() -> int:
 def run_recipe(
     *, out_dir: str | Path, preset: str = "tiny", data_dir: str | Path | None = None, seed: int = 0,
     progress: bool = True, smoke: bool = False, only: Collection[str] | None = None, workers: int | None = None,
+    step_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every step of the recipe and write ``out_dir/metrics.json``.
 
@@ -378,13 +387,18 @@ def run_recipe(
             recipe; runs with the same ``workers`` on the same machine repeat to the last digit. Lanes
             are spawned processes: a script that calls this with ``workers >= 2`` needs the usual
             ``if __name__ == "__main__":`` guard of :mod:`multiprocessing`.
+        step_overrides: keyword arguments of a step's trainer by step name, over the recipe's (and smoke
+            mode's), e.g. ``{"decoder": {"max_steps": 500}, "stage3": {"lr": 5e-4}}`` (``vargpt pipeline
+            --set decoder.max_steps=500``). Keys under ``"tokenizer"`` reach ``tokenizer_finetune`` too (its
+            main phase must match); ``"tokenizer_finetune": {"finetune_steps": N}`` sets the finetuning.
+            They apply to the steps this call runs; finished steps are not redone.
 
     Returns:
         The metrics dict written to ``metrics.json``.
 
     Raises:
         ValueError: an unknown preset or step name, or a run folder made in the other (smoke / full) mode.
-        ConfigError: ``workers < 1``.
+        ConfigError: ``workers < 1``, or ``step_overrides`` naming no step.
     """
     import torch
 
@@ -395,6 +409,9 @@ def run_recipe(
     unknown = set(only or ()) - set(STEP_BY_NAME)
     if unknown:
         raise ValueError(f"unknown recipe steps {sorted(unknown)}; choose from {[s.name for s in STEPS]}")
+    step_overrides = {k: dict(v) for k, v in (step_overrides or {}).items()}
+    if bad := sorted(set(step_overrides) - set(STEP_BY_NAME)):
+        raise ConfigError(f"step_overrides for {bad}: not recipe steps; choose from {list(STEP_BY_NAME)}")
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ConfigError(f"workers={workers}: must be >= 1 (1 runs the steps one after another)")
@@ -403,7 +420,7 @@ def run_recipe(
     user_data = Path(data_dir) if data_dir is not None else None
     steps_data = out / "data" if user_data is None else out / "smoke_data" if smoke else user_data
     ctx = RunContext(out=out, preset=preset, data_dir=steps_data, seed=seed, progress=progress, smoke=smoke,
-                     user_data=user_data)
+                     user_data=user_data, step_overrides=step_overrides)
     t_start = time.perf_counter()
     steps: dict[str, Any] = {}
     for name in STEP_BY_NAME:  # finished steps, from this or an earlier call
@@ -500,7 +517,7 @@ def _run_lanes(lanes: list[list[str]], ctx: RunContext, *, threads: int, progres
 
     spawn = mp.get_context("spawn")  # fork would copy this process's OpenMP thread pool
     fields = {"out": ctx.out, "preset": ctx.preset, "data_dir": ctx.data_dir, "seed": ctx.seed, "progress": False,
-              "smoke": ctx.smoke, "user_data": ctx.user_data}
+              "smoke": ctx.smoke, "user_data": ctx.user_data, "step_overrides": ctx.step_overrides}
     level = logging.getLogger().getEffectiveLevel()
     pipes = [spawn.Pipe(duplex=False) for _ in lanes]  # one pipe a lane: EOF when its process ends
     procs = [spawn.Process(target=_lane_worker, args=(fields, lane, i, threads, pipes[i][1], level),
@@ -511,6 +528,7 @@ def _run_lanes(lanes: list[list[str]], ctx: RunContext, *, threads: int, progres
     logger.info("%s: %d lanes side by side, %d thread(s) each: %s", desc, len(lanes), threads,
                 " | ".join(", ".join(lane) for lane in lanes))
     bar = tqdm(total=len(pending), desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    finished = False
     try:
         for p, (_, send) in zip(procs, pipes, strict=True):
             p.start()
@@ -546,11 +564,16 @@ def _run_lanes(lanes: list[list[str]], ctx: RunContext, *, threads: int, progres
                         raise error
                     raise RuntimeError(f"step {name!r} failed in its lane: {text}\n{trace}") from error
             bar.set_postfix_str(", ".join(f"{n} {time.perf_counter() - t:.0f}s" for n, t in running.items()))
+        finished = True
     finally:
         bar.close()
-        for p in procs:  # stop what still runs as Ctrl-C would: it exits cleanly, its checkpoints are atomic
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
+        if not finished:  # stop what still runs as Ctrl-C would: it exits cleanly (checkpoints are atomic)
+            grace = time.monotonic() + 3.0  # after a Ctrl-C in the terminal the lanes have had theirs already
+            for p in procs:
+                p.join(timeout=max(0.0, grace - time.monotonic()))
+            for p in procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():

@@ -172,8 +172,11 @@ def test_rerun_skips_finished_steps(smoke_run):
 
 def test_smoke_pipeline_without_any_class(tmp_path):
     data = write_stripes(tmp_path / "data", classes=False, n_train=12, n_test=6)
-    m = run_recipe(out_dir=tmp_path / "run", data_dir=data, smoke=True, progress=False, workers=1)
+    m = run_recipe(out_dir=tmp_path / "run", data_dir=data, smoke=True, progress=False, workers=1,
+                   step_overrides={"decoder": {"max_steps": 2}, "stage3": {"max_steps": 4}})
     assert set(m["steps"]) == {s.name for s in STEPS}
+    r = m["results"]  # the overrides reach their step only, over smoke mode's 3 steps
+    assert (r["decoder"]["steps"], r["stage3"]["steps"], r["stage1"]["steps"], r["stage2"]["steps"]) == (2, 4, 3, 3)
     markers = _markers(tmp_path / "run")  # one worker: every step here, one after another
     assert {v["pid"] for v in markers.values()} == {os.getpid()} and {v["lane"] for v in markers.values()} == {None}
     assert m["total_wall_seconds"] == pytest.approx(sum(m["steps"].values()), abs=0.05)

@@ -47,3 +47,14 @@ def test_train_tokenizer_from_a_missing_checkpoint_is_a_clear_error(tmp_path, ca
 def test_pipeline_workers_must_be_positive(tmp_path, capsys):
     assert main(["pipeline", "--out", str(tmp_path / "run"), "--workers", "0", "--quiet"]) == 2
     assert "workers=0: must be >= 1" in capsys.readouterr().err
+
+
+def test_pipeline_set_parses_step_arguments(tmp_path, capsys):
+    from vargpt.cli import _step_overrides
+
+    assert _step_overrides(["decoder.max_steps=500", "stage3.lr=5e-4", "decoder.batch_size=8", "x.name=abc"]) == {
+        "decoder": {"max_steps": 500, "batch_size": 8}, "stage3": {"lr": 5e-4}, "x": {"name": "abc"}}
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--set", "decoder=5"]) == 2
+    assert "STEP.ARGUMENT=VALUE" in capsys.readouterr().err
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--set", "decodr.max_steps=5"]) == 2
+    assert "not recipe steps" in capsys.readouterr().err and not (tmp_path / "run").exists()
