@@ -16,7 +16,7 @@ Reported:
   their ratio (> 1: the lanes are faster); ``step_seconds`` per step each way.
 * ``weights``: per step, its checkpoint's tensors compared between the two runs: how many, how many
   differ at all, the largest absolute difference. The lanes hold steps whose training does not depend on
-  the thread count, so all but the finetuned VQ-VAE decoder's (~1e-7) should be 0.
+  the thread count, so all but the finetuned VQ-VAE decoder's (~1e-6) should be 0.
 * ``steps``: the optimiser steps each step ran; ``threads`` each way; ``torch`` version.
 """
 

@@ -317,9 +317,9 @@ PLAN: tuple[tuple[tuple[str, ...], ...], ...] = (
 The middle phase holds two independent chains: the visual decoder's pretraining on the VQ-VAE's codes,
 and the LLM, the LLaVA built on it and the VQ-VAE's decoder finetuning. On 2 CPU cores two one-thread
 processes do more work per second than one two-thread process (these small models gain 1.3-1.7x from
-a second thread), and in the tiny preset the two lanes take about equally long (452 and 455 s at one
+a second thread), and in the tiny preset the two lanes take about equally long (456 and 444 s at one
 thread each). The lanes hold steps whose numbers do not depend on the thread count (the LLM, LLaVA
-and visual decoder train bit for bit alike on 1 and 2 threads; the finetuning to ~1e-7): a run with
+and visual decoder train bit for bit alike on 1 and 2 threads; the finetuning to ~1e-6): a run with
 ``workers=2`` trains the same models as one with ``workers=1``. The convolutional vision tower and FID
 feature net do depend on it (oneDNN's convolution weight gradients and LayerNorm's affine gradients
 are summed per thread), so they run outside the lanes, with every thread.
@@ -382,11 +382,12 @@ def run_recipe(
             None runs every step.
         workers: how many lanes of a :data:`PLAN` phase run side by side, each in its own process with
             ``torch.get_num_threads() // lanes`` threads (default :func:`default_workers`). 1 runs every
-            step in this process, one after another, with all threads. A step's numbers depend on its
-            thread count (floating-point sums), so runs with other ``workers`` are other samples of the
-            recipe; runs with the same ``workers`` on the same machine repeat to the last digit. Lanes
-            are spawned processes: a script that calls this with ``workers >= 2`` needs the usual
-            ``if __name__ == "__main__":`` guard of :mod:`multiprocessing`.
+            step in this process, one after another, with all threads. The recipe's lanes hold only
+            steps whose training does not depend on the thread count (:data:`PLAN`), so ``workers=1``
+            and ``2`` train the same models (the VQ-VAE's finetuned decoder to ~1e-6); a run repeats to
+            the last digit on the same machine. Lanes are spawned processes: a script that calls this
+            with ``workers >= 2`` needs the usual ``if __name__ == "__main__":`` guard of
+            :mod:`multiprocessing`.
         step_overrides: keyword arguments of a step's trainer by step name, over the recipe's (and smoke
             mode's), e.g. ``{"decoder": {"max_steps": 500}, "stage3": {"lr": 5e-4}}`` (``vargpt pipeline
             --set decoder.max_steps=500``). Keys under ``"tokenizer"`` reach ``tokenizer_finetune`` too (its
