@@ -38,6 +38,8 @@ FIRST, MIDDLE = PLAN[0][0], [name for lane in PLAN[1] for name in lane]
 FULL_STEPS = {"decoder": ("max_steps", 2000), "llm": ("max_steps", 300), "align": ("max_steps", 300),
               "instruct": ("max_steps", 700), "tokenizer_finetune": ("finetune_steps", 400)}
 """The tiny recipe's optimiser steps of the middle phase's steps (scaled by ``--scale``)."""
+SEEDED = ("data", "text_tokenizer", "tokenizer_main", "vision")
+"""The first phase's output folders, linked into the benchmark's run folders."""
 CHECKPOINTS = {"decoder": "decoder/checkpoint", "llm": "llm/checkpoint", "align": "llava_align/checkpoint",
                "instruct": "llava/checkpoint", "tokenizer_finetune": "tokenizer"}
 
@@ -47,7 +49,7 @@ def _seed_run(src: Path, dst: Path) -> None:
     (dst / "steps").mkdir(parents=True)
     for name in FIRST:
         shutil.copyfile(src / "steps" / f"{name}.json", dst / "steps" / f"{name}.json")
-    for folder in ("data", "text_tokenizer", "tokenizer_main", "vision"):
+    for folder in SEEDED:
         shutil.copytree(src / folder, dst / folder, copy_function=_link_or_copy)
 
 
@@ -70,8 +72,10 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.1, help="share of the recipe's optimiser steps (default 0.1)")
     args = ap.parse_args()
     missing = [n for n in FIRST if not (args.run / "steps" / f"{n}.json").is_file()]
+    missing += [f"{d}/" for d in SEEDED if not (args.run / d).is_dir()]  # e.g. a run of an older recipe
     if missing:
-        raise SystemExit(f"{args.run}: steps {missing} not done; run `vargpt pipeline --out {args.run}` first")
+        raise SystemExit(f"{args.run}: {missing} missing: not this recipe's first phase (an older run?); "
+                         "run `vargpt pipeline --out RUN` into a new folder first")
     steps = {name: max(1, round(n * args.scale)) for name, (_, n) in FULL_STEPS.items()}
     overrides = {name: {key: steps[name]} for name, (key, _) in FULL_STEPS.items()}
     result: dict = {"scale": args.scale, "steps": steps, "torch": torch.__version__}
