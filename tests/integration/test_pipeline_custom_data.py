@@ -120,6 +120,12 @@ def test_a_failing_lane_stops_the_run_with_its_error(tmp_path):
         run_recipe(out_dir=run, data_dir=data, smoke=True, progress=False, workers=2)
     assert not multiprocessing.active_children()
     assert not (run / "steps" / "assemble.json").exists()
+    # Any other failure comes back as a RuntimeError naming the step, with the lane's traceback.
+    run_recipe(out_dir=run / "again", data_dir=data, smoke=True, progress=False, only=["data", "tokenizer"])
+    with pytest.raises(RuntimeError, match=r"step 'llm' failed in its lane: TypeError(.|\n)*Traceback"):
+        run_recipe(out_dir=run / "again", data_dir=data, smoke=True, progress=False, workers=2,
+                   step_overrides={"llm": {"no_such_argument": 1}})
+    assert not multiprocessing.active_children()
 
 
 def test_smoke_pipeline_on_custom_data(smoke_run):
