@@ -33,10 +33,16 @@ import torch
 from safetensors.torch import load_file
 
 from vargpt.recipe import PLAN, run_recipe
+from vargpt.training.base_llava import ALIGN_TRAIN, INSTRUCT_TRAIN
+from vargpt.training.base_text import LLM_TRAIN
+from vargpt.training.decoder_trainer import RECIPES as DECODER_RECIPES
+from vargpt.training.tokenizer_trainer import RECIPES as TOKENIZER_RECIPES
 
 FIRST, MIDDLE = PLAN[0][0], [name for lane in PLAN[1] for name in lane]
-FULL_STEPS = {"decoder": ("max_steps", 2000), "llm": ("max_steps", 300), "align": ("max_steps", 300),
-              "instruct": ("max_steps", 700), "tokenizer_finetune": ("finetune_steps", 400)}
+FULL_STEPS = {"decoder": ("max_steps", DECODER_RECIPES["tiny"].max_steps),
+              "llm": ("max_steps", LLM_TRAIN.max_steps), "align": ("max_steps", ALIGN_TRAIN.max_steps),
+              "instruct": ("max_steps", INSTRUCT_TRAIN.max_steps),
+              "tokenizer_finetune": ("finetune_steps", TOKENIZER_RECIPES["tiny"].finetune.max_steps)}
 """The tiny recipe's optimiser steps of the middle phase's steps (scaled by ``--scale``)."""
 SEEDED = ("data", "text_tokenizer", "tokenizer_main", "vision")
 """The first phase's output folders, linked into the benchmark's run folders."""

@@ -507,6 +507,7 @@ def _run_lanes(lanes: list[list[str]], ctx: RunContext, *, threads: int, progres
     pickles (so a ``ConfigError`` still reads as one line), else a ``RuntimeError`` with its traceback.
     A lane process that dies without a word (killed, e.g. for memory) is a ``RuntimeError`` too.
     """
+    import dataclasses
     import multiprocessing as mp
     import os
     import signal
@@ -517,8 +518,9 @@ def _run_lanes(lanes: list[list[str]], ctx: RunContext, *, threads: int, progres
     from vargpt.errors import USER_ERRORS
 
     spawn = mp.get_context("spawn")  # fork would copy this process's OpenMP thread pool
-    fields = {"out": ctx.out, "preset": ctx.preset, "data_dir": ctx.data_dir, "seed": ctx.seed, "progress": False,
-              "smoke": ctx.smoke, "user_data": ctx.user_data, "step_overrides": ctx.step_overrides}
+    # Every field of the context but the (per-process) encoder cache travels; the lanes show no bars of their own.
+    fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name != "encoder_cache"}
+    fields["progress"] = False
     level = logging.getLogger().getEffectiveLevel()
     pipes = [spawn.Pipe(duplex=False) for _ in lanes]  # one pipe a lane: EOF when its process ends
     procs = [spawn.Process(target=_lane_worker, args=(fields, lane, i, threads, pipes[i][1], level),
