@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vargpt.config import ConfigError
+from vargpt.files import write_json_atomic
 from vargpt.recipe import STEPS
 from vargpt.training.stages import GEN_PROJECTORS
 
@@ -154,7 +155,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
                               f"{[old.get(k) for k in diff]} there, {[settings.get(k) for k in diff]} now); "
                               "rerun with the same settings to resume, or choose another --out")
     else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_json_atomic(path, settings)
 
 
 def run_ablation(
@@ -253,6 +254,6 @@ def run_ablation(
     result = {"preset": preset, "seed": seed, "max_steps": max_steps, "run": str(run), "data": str(data),
               "feature_net": str(run / "feature_net"), "command": command, "table": table, "variants": rows,
               "stages": stages}
-    (out / "ablation.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json_atomic(out / "ablation.json", result, default=str)
     (out / "ablation.md").write_text(f"{table}\n{notes}\nReproduce: `{command}`\n")
     return result

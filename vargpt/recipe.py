@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vargpt.files import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -445,7 +447,7 @@ def run_recipe(
                 steps[name] = _run_step(STEP_BY_NAME[name], ctx)
     metrics = _collect_metrics(steps, preset=preset, seed=seed,
                                total=round(time.perf_counter() - t_start, 2)) | {"smoke": smoke}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    write_json_atomic(out / "metrics.json", metrics, default=str)
     return metrics
 
 
@@ -460,10 +462,7 @@ def _run_step(step: Step, ctx: RunContext, lane: int | None = None) -> dict[str,
     entry = {"result": result, "wall_seconds": round(time.perf_counter() - t0, 2), "smoke": ctx.smoke,
              "threads": torch.get_num_threads(), "lane": lane, "pid": os.getpid(), "started": round(started, 3),
              "finished": round(time.time(), 3)}
-    marker = ctx.out / "steps" / f"{step.name}.json"
-    tmp = marker.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(entry, indent=2, default=str) + "\n")
-    os.replace(tmp, marker)
+    write_json_atomic(ctx.out / "steps" / f"{step.name}.json", entry, default=str)
     return entry
 
 

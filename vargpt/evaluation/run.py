@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vargpt.files import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["add_eval_parser", "add_feature_net_parser", "evaluate_model", "fid_against_references"]
@@ -219,7 +221,7 @@ def evaluate_model(
                                                  understanding_samples=und["samples"],
                                                  generation_samples=gen["samples"],
                                                  reply_samples=replies["samples"], loss_curves=loss_curves))
-        out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(out, metrics)
     logger.info("evaluation of %s on %s/%s: understanding %s, generation %s, fid %s", model_dir, data_dir, split,
                 metrics["understanding_accuracy"], metrics["generation_accuracy"], metrics["fid"])
     return metrics

@@ -21,7 +21,6 @@ side by side, upscaled to the image size) and ``index.jsonl`` with one line per 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vargpt.files import atomic_write
 from vargpt.generation.errors import GENERATION_ERRORS, GenerationInputError, OutputDirError
 
 __all__ = ["add_chat_parser", "add_generate_parser", "run_chat", "run_generate"]
@@ -132,15 +132,10 @@ def make_out_dir(out: Path) -> Path:
 
 
 def _atomic(path: Path, write: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        return atomic_write(path, write)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise OutputDirError(f"cannot write {path}: {e.strerror or e}") from e
-    return path
 
 
 def save_png(image: Any, path: Path) -> Path:

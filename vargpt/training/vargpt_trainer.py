@@ -8,7 +8,6 @@ input of the next stage and of the inference ``Pipeline``), ``train/`` (``checkp
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import torch
 from vargpt.data.collate import IGNORE_INDEX
 from vargpt.data.datasets import EncoderCache, VARGPTDataset, collate_vargpt_groups
 from vargpt.data.records import load_records
+from vargpt.files import write_json_atomic
 from vargpt.pretrained import load_pretrained, save_pretrained
 from vargpt.training.loop import train
 from vargpt.training.stages import vargpt_stages
@@ -200,5 +200,5 @@ def train_stage(
         if sum(len(r.generated_images) for r in test_recs) > 1:
             shuffled = heldout_metrics(model, eval_ds, batch_size=cfg.batch_size, shuffle_prompts=True, seed=seed)
             metrics["heldout"]["image_loss_shuffled_prompts"] = shuffled["image_loss"]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json_atomic(out / "metrics.json", metrics)  # last: its presence marks the stage as finished
     return metrics
