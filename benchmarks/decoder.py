@@ -23,7 +23,7 @@ Reported:
   can reach (the cached loop still processes every token once).
 * ``speedup_kv_cache_k10`` / ``kv_compute_bound_k10``: the same comparison for a decoder of the same width,
   depth and heads (random weights: timing only) over the released model's ten scales
-  (``patch_nums`` 1..16, L = 680 tokens, bound 3.25x instead of the tiny preset's 1.89x).
+  (``patch_nums`` 1..16, L = 680 tokens: token-count bound 2.52x instead of the tiny preset's 1.89x).
 * ``speedup_batch16``: images/s of one batch-16 call over 16 sequential batch-1 calls (codes + VQ
   decoding).
 * ``prefix_forcing`` (with ``--prefix-forcing``): oracle accuracy when the first k scales are the
