@@ -434,6 +434,7 @@ def run_recipe(
                 raise ValueError(f"{out}: step {name!r} was run with smoke={not smoke}; "
                                  "use another run folder for smoke and full runs")
             logger.info("step %-18s already done (%.1f s), skipped", name, steps[name]["wall_seconds"])
+    migrate_split_tokenizer(out, steps)
     for i, phase in enumerate(PLAN):
         lanes = [todo for lane in phase
                  if (todo := [n for n in lane if n not in steps and (only is None or n in only)])]
@@ -449,6 +450,30 @@ def run_recipe(
                                total=round(time.perf_counter() - t_start, 2)) | {"smoke": smoke}
     write_json_atomic(out / "metrics.json", metrics, default=str)
     return metrics
+
+
+def migrate_split_tokenizer(out: Path, done: Collection[str]) -> bool:
+    """Bring a run folder from before the tokenizer step's split up to date; True if it changed anything.
+
+    Runs before session 21's layout trained the VQ-VAE's main phase and its decoder finetuning in one step,
+    into ``RUN/tokenizer/``; now the main phase (``tokenizer``, whose codes the visual decoder reads) writes
+    ``RUN/tokenizer_main/`` and the finetuning (``tokenizer_finetune``) ``RUN/tokenizer/``. The finetuning
+    changes neither the encoder nor the codebook, so the old checkpoint gives exactly the main phase's codes:
+    it is copied to ``RUN/tokenizer_main/``, and the finetuning step then finds its work already done there.
+    """
+    import shutil
+
+    from vargpt.training.checkpoint import is_checkpoint
+
+    main, combined = out / "tokenizer_main", out / "tokenizer"
+    if "tokenizer" not in done or main.exists() or not is_checkpoint(combined):
+        return False
+    tmp = out / ".tokenizer_main.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(combined, tmp)
+    tmp.replace(main)
+    logger.info("%s: tokenizer/ from before the tokenizer step's split copied to tokenizer_main/ (same codes)", out)
+    return True
 
 
 def _run_step(step: Step, ctx: RunContext, lane: int | None = None) -> dict[str, Any]:

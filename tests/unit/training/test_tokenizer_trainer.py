@@ -228,3 +228,31 @@ def test_finetuning_a_copied_main_phase_equals_one_run(folder, tmp_path, monkeyp
         assert torch.equal(b_state[k], v), k
     with pytest.raises(CheckpointError, match="init_from"):
         train_tokenizer(out_dir=tmp_path / "x", init_from=tmp_path / "nothing", **kw)
+
+
+def test_a_run_folder_from_before_the_split_resumes(folder, tmp_path, monkeypatch):
+    """An old run's one-step tokenizer (main phase + finetuning in RUN/tokenizer) becomes the new layout."""
+    from vargpt.recipe import migrate_split_tokenizer
+
+    torch.set_num_threads(1)
+    recipe = RECIPES["tiny"]
+    monkeypatch.setitem(RECIPES, "tiny", dataclasses.replace(
+        recipe, finetune=dataclasses.replace(recipe.finetune, batch_size=4)))
+    kw = dict(data_dir=folder, max_steps=4, batch_size=4, progress=False)
+    run = tmp_path / "run"
+    train_tokenizer(out_dir=run / "tokenizer", finetune_steps=3, **kw)  # the old layout's step
+    assert not migrate_split_tokenizer(run, set())  # its step not done: nothing to bring over
+    assert migrate_split_tokenizer(run, {"tokenizer"})
+    assert not migrate_split_tokenizer(run, {"tokenizer"})  # once
+    old, _, _ = load_checkpoint(run / "tokenizer")
+    main, _, _ = load_checkpoint(run / "tokenizer_main")
+    assert old.keys() == main.keys() and all(torch.equal(old[k], main[k]) for k in old)
+    # the finetuning step (as the recipe calls it) finds its work done: no step runs, nothing changes
+    again = train_tokenizer(out_dir=run / "tokenizer", init_from=run / "tokenizer_main", resume=True,
+                            finetune_steps=3, **kw)
+    assert again["finetune"]["steps"] == 3 and again["initial_loss"] is None
+    after, _, _ = load_checkpoint(run / "tokenizer")
+    assert all(torch.equal(old[k], after[k]) for k in old)
+    codes = [MultiScaleVQVAE.from_pretrained(run / d).eval().encode(split_images(folder, "test", 32))
+             for d in ("tokenizer", "tokenizer_main")]
+    assert all(torch.equal(a, b) for a, b in zip(*codes, strict=True))
