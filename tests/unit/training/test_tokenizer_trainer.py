@@ -205,15 +205,21 @@ def test_decoder_finetuning_resumes_exactly(folder, tmp_path, monkeypatch):
         train_tokenizer(out_dir=tmp_path / "bad", data_dir=folder, max_steps=1, progress=False, finetune_steps=-1)
 
 
-def test_finetuning_a_copied_main_phase_equals_one_run(folder, tmp_path, monkeypatch):
-    """The recipe's split: the main phase in one folder, its decoder finetuned in another (``init_from``)."""
-    from vargpt.training.checkpoint import CheckpointError
-
+@pytest.fixture
+def split_kw(folder, monkeypatch):
+    """Arguments of a tiny main phase (4 steps of 4) whose decoder finetuning also takes batches of 4."""
     torch.set_num_threads(1)
     recipe = RECIPES["tiny"]
     monkeypatch.setitem(RECIPES, "tiny", dataclasses.replace(
         recipe, finetune=dataclasses.replace(recipe.finetune, batch_size=4)))
-    kw = dict(data_dir=folder, max_steps=4, batch_size=4, progress=False)
+    return dict(data_dir=folder, max_steps=4, batch_size=4, progress=False)
+
+
+def test_finetuning_a_copied_main_phase_equals_one_run(split_kw, tmp_path):
+    """The recipe's split: the main phase in one folder, its decoder finetuned in another (``init_from``)."""
+    from vargpt.training.checkpoint import CheckpointError
+
+    kw = split_kw
     train_tokenizer(out_dir=tmp_path / "one", finetune_steps=5, **kw)
     main = train_tokenizer(out_dir=tmp_path / "main", finetune_steps=0, **kw)
     assert main["finetune"] is None and not main["stopped_early"]
@@ -230,15 +236,11 @@ def test_finetuning_a_copied_main_phase_equals_one_run(folder, tmp_path, monkeyp
         train_tokenizer(out_dir=tmp_path / "x", init_from=tmp_path / "nothing", **kw)
 
 
-def test_a_run_folder_from_before_the_split_resumes(folder, tmp_path, monkeypatch):
+def test_a_run_folder_from_before_the_split_resumes(folder, split_kw, tmp_path):
     """An old run's one-step tokenizer (main phase + finetuning in RUN/tokenizer) becomes the new layout."""
     from vargpt.recipe import migrate_split_tokenizer
 
-    torch.set_num_threads(1)
-    recipe = RECIPES["tiny"]
-    monkeypatch.setitem(RECIPES, "tiny", dataclasses.replace(
-        recipe, finetune=dataclasses.replace(recipe.finetune, batch_size=4)))
-    kw = dict(data_dir=folder, max_steps=4, batch_size=4, progress=False)
+    kw = split_kw
     run = tmp_path / "run"
     train_tokenizer(out_dir=run / "tokenizer", finetune_steps=3, **kw)  # the old layout's step
     assert not migrate_split_tokenizer(run, set())  # its step not done: nothing to bring over
