@@ -455,7 +455,7 @@ def run_recipe(
 def migrate_split_tokenizer(out: Path, done: Collection[str]) -> bool:
     """Bring a run folder from before the tokenizer step's split up to date; True if it changed anything.
 
-    Runs before session 21's layout trained the VQ-VAE's main phase and its decoder finetuning in one step,
+    Earlier versions of the recipe trained the VQ-VAE's main phase and its decoder finetuning in one step,
     into ``RUN/tokenizer/``; now the main phase (``tokenizer``, whose codes the visual decoder reads) writes
     ``RUN/tokenizer_main/`` and the finetuning (``tokenizer_finetune``) ``RUN/tokenizer/``. The finetuning
     changes neither the encoder nor the codebook, so the old checkpoint gives exactly the main phase's codes:
