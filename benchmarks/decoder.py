@@ -201,23 +201,33 @@ def prefix_forcing(decoder, vqvae, data_dir: str, classes: list[str], world, sam
     return out
 
 
-def speed(decoder, vqvae, sampling, kv_batch: int, repeats: int) -> dict:  # noqa: ANN001
-    """KV-cache and batching speed-ups of code generation (images decoded too in the batching test)."""
+def kv_timing(decoder, vqvae, sampling, kv_batch: int, repeats: int) -> dict:  # noqa: ANN001
+    """KV-cached vs cache-less code generation of ``kv_batch`` class-conditional samples (codes only: VQ
+    decoding is the same work in both and would dilute the ratio)."""
     labels = torch.arange(kv_batch) % decoder.num_classes
 
     def cached():
-        cond = class_condition(decoder, labels)
-        return [e.idx_Bl for e in next_scale_steps(decoder, vqvae.quantize, cond, sampling=sampling,
-                                                    generator=torch.Generator().manual_seed(0))]
+        return [e.idx_Bl for e in next_scale_steps(decoder, vqvae.quantize, class_condition(decoder, labels),
+                                                    sampling=sampling, generator=torch.Generator().manual_seed(0))]
 
     def uncached():
         return no_cache_codes(decoder, vqvae, labels, sampling, torch.Generator().manual_seed(0))
 
-    # Codes only: VQ decoding is the same work in both and would dilute the ratio.
     t_cached, t_uncached = _timed(cached, uncached, repeats=repeats)
-    same = sum(int(torch.equal(x, y)) for x, y in zip(cached(), uncached(), strict=True)) / len(decoder.offsets)
     lens = [end for _, end in decoder.offsets]
+    same = sum(int(torch.equal(x, y)) for x, y in zip(cached(), uncached(), strict=True)) / len(lens)
+    return {
+        "speedup_kv_cache": round(t_uncached / t_cached, 3),
+        "kv_cached_images_per_s": round(kv_batch / t_cached, 2),
+        "no_cache_images_per_s": round(kv_batch / t_uncached, 2),
+        "kv_compute_bound": round(sum(lens) / lens[-1], 3),
+        "kv_same_codes_fraction": same,
+    }
 
+
+def speed(decoder, vqvae, sampling, kv_batch: int, repeats: int) -> dict:  # noqa: ANN001
+    """KV-cache and batching speed-ups of code generation (images decoded too in the batching test)."""
+    kv = kv_timing(decoder, vqvae, sampling, kv_batch, repeats)
     l16 = torch.arange(16) % decoder.num_classes
     t_b16, t_seq = _timed(
         lambda: generate_class_images(decoder, vqvae, l16, sampling=sampling,
@@ -226,12 +236,8 @@ def speed(decoder, vqvae, sampling, kv_batch: int, repeats: int) -> dict:  # noq
                                        generator=torch.Generator().manual_seed(i)) for i in range(16)],
         repeats=repeats)
     return {
-        "speedup_kv_cache": round(t_uncached / t_cached, 3),
+        **kv,
         "kv_batch": kv_batch,
-        "kv_cached_images_per_s": round(kv_batch / t_cached, 2),
-        "no_cache_images_per_s": round(kv_batch / t_uncached, 2),
-        "kv_compute_bound": round(sum(lens) / lens[-1], 3),
-        "kv_same_codes_fraction": same,
         "speedup_batch16": round(t_seq / t_b16, 3),
         "batch16_images_per_s": round(16 / t_b16, 2),
         "sequential_images_per_s": round(16 / t_seq, 2),
@@ -243,7 +249,7 @@ RELEASE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
 def kv_speed_k10(decoder, sampling, kv_batch: int, repeats: int) -> dict:  # noqa: ANN001
-    """:func:`speed`'s KV-cache comparison for ``decoder``'s sizes over :data:`RELEASE_PATCH_NUMS`."""
+    """:func:`kv_timing` for ``decoder``'s sizes over :data:`RELEASE_PATCH_NUMS` (random weights), keys ``*_k10``."""
     import dataclasses
 
     from vargpt.visual_decoder.decoder import VisualDecoder
@@ -252,26 +258,8 @@ def kv_speed_k10(decoder, sampling, kv_batch: int, repeats: int) -> dict:  # noq
                              image_size=RELEASE_PATCH_NUMS[-1] * decoder.vq.downsample)
     torch.manual_seed(0)
     big = VisualDecoder(decoder.cfg, vq).eval()
-    vqvae = MultiScaleVQVAE(vq).eval()
-    labels = torch.arange(kv_batch) % big.num_classes
-
-    def cached():
-        return [e.idx_Bl for e in next_scale_steps(big, vqvae.quantize, class_condition(big, labels),
-                                                    sampling=sampling, generator=torch.Generator().manual_seed(0))]
-
-    def uncached():
-        return no_cache_codes(big, vqvae, labels, sampling, torch.Generator().manual_seed(0))
-
-    t_cached, t_uncached = _timed(cached, uncached, repeats=repeats)
-    lens = [end for _, end in big.offsets]
-    same = sum(int(torch.equal(x, y)) for x, y in zip(cached(), uncached(), strict=True)) / len(lens)
-    return {
-        "speedup_kv_cache_k10": round(t_uncached / t_cached, 3),
-        "kv_compute_bound_k10": round(sum(lens) / lens[-1], 3),
-        "kv_same_codes_fraction_k10": same,
-        "kv_cached_images_per_s_k10": round(kv_batch / t_cached, 2),
-        "no_cache_images_per_s_k10": round(kv_batch / t_uncached, 2),
-    }
+    timing = kv_timing(big, MultiScaleVQVAE(vq).eval(), sampling, kv_batch, repeats)
+    return {f"{k}_k10": v for k, v in timing.items()}
 
 
 def main() -> None:
