@@ -341,7 +341,6 @@ def check_plan(plan: tuple[tuple[tuple[str, ...], ...], ...] = PLAN,
         raise ValueError(f"the plan must hold every step exactly once: {flat} vs {[s.name for s in steps]}")
     by_name = {s.name: s for s in steps}
     for phase in plan:
-        done_in_phase: set[str] = set()
         for lane in phase:
             ready = set(seen)
             for name in lane:
@@ -350,8 +349,7 @@ def check_plan(plan: tuple[tuple[tuple[str, ...], ...], ...] = PLAN,
                     raise ValueError(f"step {name!r} reads {sorted(missing)}, which the plan does not finish "
                                      "before it (in an earlier phase or earlier in its lane)")
                 ready.add(name)
-            done_in_phase.update(lane)
-        seen |= done_in_phase
+        seen.update(name for lane in phase for name in lane)
 
 
 def default_workers() -> int:
