@@ -381,7 +381,8 @@ def run_recipe(
             ``assemble`` that ``vargpt ablate`` shares; finished steps outside it still enter ``metrics.json``.
             None runs every step.
         workers: how many lanes of a :data:`PLAN` phase run side by side, each in its own process with
-            ``torch.get_num_threads() // lanes`` threads (default :func:`default_workers`). 1 runs every
+            ``torch.get_num_threads() // lanes`` threads (default :func:`default_workers`); a phase with
+            more lanes than workers joins them (:func:`group_lanes`), so it never starts more. 1 runs every
             step in this process, one after another, with all threads. The recipe's lanes hold only
             steps whose training does not depend on the thread count (:data:`PLAN`), so ``workers=1``
             and ``2`` train the same models (the VQ-VAE's finetuned decoder to ~1e-6); a run repeats to
@@ -437,7 +438,8 @@ def run_recipe(
         lanes = [todo for lane in phase
                  if (todo := [n for n in lane if n not in steps and (only is None or n in only)])]
         if workers >= 2 and len(lanes) >= 2:
-            threads = max(1, torch.get_num_threads() // min(workers, len(lanes)))
+            lanes = group_lanes(lanes, workers)
+            threads = max(1, torch.get_num_threads() // len(lanes))
             steps |= _run_lanes(lanes, ctx, threads=threads, progress=progress,
                                 desc=f"phase {i + 1}/{len(PLAN)}")
         else:
@@ -448,6 +450,22 @@ def run_recipe(
                                total=round(time.perf_counter() - t_start, 2)) | {"smoke": smoke}
     write_json_atomic(out / "metrics.json", metrics, default=str)
     return metrics
+
+
+def group_lanes(lanes: list[list[str]], workers: int) -> list[list[str]]:
+    """``lanes`` joined into at most ``workers`` lanes, one process each: lane ``i`` goes after the lanes
+    before it in group ``i % workers``. Lanes of one phase read nothing of each other, so any order of
+    them in one process is valid, and a phase never starts more processes than ``workers``.
+
+    >>> group_lanes([["a", "b"], ["c"], ["d"]], 2)
+    [['a', 'b', 'd'], ['c']]
+    """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    groups: list[list[str]] = [[] for _ in range(min(workers, len(lanes)))]
+    for i, lane in enumerate(lanes):
+        groups[i % len(groups)].extend(lane)
+    return groups
 
 
 def migrate_split_tokenizer(out: Path, done: Collection[str]) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vargpt.recipe import PLAN, STEP_BY_NAME, STEPS, Step, _critical_wall_seconds, check_plan
+from vargpt.recipe import PLAN, STEP_BY_NAME, STEPS, Step, _critical_wall_seconds, check_plan, group_lanes
 
 
 def test_the_recipe_plan_is_valid():
@@ -30,6 +30,22 @@ def test_check_plan_rejects_bad_plans():
         check_plan(((("b", "a"),), (("c", "d"),)), steps)
     with pytest.raises(ValueError, match="'d' reads"):  # d beside the lane of b, which it reads
         check_plan(((("a",),), (("b",), ("c", "d"))), steps)
+
+
+def test_a_phase_never_starts_more_lane_processes_than_workers():
+    lanes = [["a", "b"], ["c"], ["d", "e"]]
+    assert group_lanes(lanes, 2) == [["a", "b", "d", "e"], ["c"]]
+    assert group_lanes(lanes, 3) == lanes
+    assert group_lanes(lanes, 8) == lanes  # never more processes than lanes either
+    assert group_lanes(lanes, 1) == [["a", "b", "c", "d", "e"]]
+    for workers in (1, 2, 3):  # every step once, each lane whole and in its order inside one group
+        groups = group_lanes(lanes, workers)
+        assert sorted(n for g in groups for n in g) == sorted(n for lane in lanes for n in lane)
+        for lane in lanes:
+            (g,) = [g for g in groups if lane[0] in g]
+            assert g[g.index(lane[0]):g.index(lane[0]) + len(lane)] == lane
+    with pytest.raises(ValueError, match="workers=0"):
+        group_lanes(lanes, 0)
 
 
 def test_wall_time_of_side_by_side_lanes_is_the_longest_lane():
