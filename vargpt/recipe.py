@@ -88,6 +88,38 @@ class Step:
     description: str
     after: tuple[str, ...] = ()
     """The steps whose outputs this one reads (:func:`check_plan` holds :data:`PLAN` to them)."""
+    takes: str | None = None
+    """``"module:function"`` that receives the step's ``step_overrides`` as keyword arguments (None: the
+    step takes none); :func:`override_names` reads what it accepts."""
+
+
+_SET_BY_THE_RECIPE = frozenset({
+    "stage", "data_dir", "out_dir", "tokenizer_dir", "llm_dir", "vision_dir", "align_dir", "from_dir", "model_dir",
+    "init_from", "out", "feature_net", "loss_curves", "preset", "seed", "resume", "progress", "encoder_cache",
+    "train_cfg", "data",
+})
+"""Arguments the steps pass themselves (the run's folders, preset, seed, ...) or that are no setting (``data``:
+precomputed inputs), so not overridable."""
+
+
+def override_names(step: Step) -> frozenset[str]:
+    """The ``step_overrides`` keys ``step`` accepts: its trainer's keyword arguments but those the recipe
+    sets itself, and the :class:`~vargpt.config.TrainConfig` fields where the trainer forwards ``**overrides``
+    to its optimiser recipe."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    from vargpt.config import TrainConfig
+
+    if step.takes is None:
+        return frozenset()
+    module, name = step.takes.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        names |= {f.name for f in dataclasses.fields(TrainConfig)} - {"name"}
+    return frozenset(names - _SET_BY_THE_RECIPE)
 
 
 def _step_data(ctx: RunContext) -> dict[str, Any]:
@@ -284,26 +316,37 @@ def _step_eval(ctx: RunContext) -> dict[str, Any]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("data", _step_data, "dataset (ShapesWorld is generated when no --data is given)"),
+    Step("data", _step_data, "dataset (ShapesWorld is generated when no --data is given)",
+         takes="vargpt.data.shapesworld.generate:write_dataset"),
     Step("samples", _step_samples, "contact sheet of held-out images", after=("data",)),
     Step("text_tokenizer", _step_text_tokenizer, "BPE text tokenizer", after=("data",)),
-    Step("tokenizer", _step_tokenizer, "multi-scale VQ-VAE: the codes", after=("data",)),
-    Step("vision", _step_vision, "tiny vision tower pretrained contrastively", after=("text_tokenizer",)),
-    Step("decoder", _step_decoder, "class-conditional VAR visual decoder", after=("tokenizer",)),
-    Step("llm", _step_llm, "tiny LLM pretrained on the dataset's text", after=("text_tokenizer",)),
-    Step("align", _step_align, "LLaVA alignment (projector)", after=("llm", "vision")),
-    Step("instruct", _step_instruct, "LLaVA instruction tuning (projector + LLM)", after=("align",)),
+    Step("tokenizer", _step_tokenizer, "multi-scale VQ-VAE: the codes", after=("data",),
+         takes="vargpt.training.tokenizer_trainer:train_tokenizer"),
+    Step("vision", _step_vision, "tiny vision tower pretrained contrastively", after=("text_tokenizer",),
+         takes="vargpt.training.base_vision:train_vision_tower"),
+    Step("decoder", _step_decoder, "class-conditional VAR visual decoder", after=("tokenizer",),
+         takes="vargpt.training.decoder_trainer:train_decoder"),
+    Step("llm", _step_llm, "tiny LLM pretrained on the dataset's text", after=("text_tokenizer",),
+         takes="vargpt.training.base_text:train_llm"),
+    Step("align", _step_align, "LLaVA alignment (projector)", after=("llm", "vision"),
+         takes="vargpt.training.base_llava:train_alignment"),
+    Step("instruct", _step_instruct, "LLaVA instruction tuning (projector + LLM)", after=("align",),
+         takes="vargpt.training.base_llava:train_instruct"),
     Step("tokenizer_finetune", _step_tokenizer_finetune, "the VQ-VAE's pixel decoder on its frozen codes",
-         after=("tokenizer",)),
-    Step("feature_net", _step_feature_net, "feature network for FID", after=("data",)),
+         after=("tokenizer",), takes="vargpt.training.tokenizer_trainer:train_tokenizer"),
+    Step("feature_net", _step_feature_net, "feature network for FID", after=("data",),
+         takes="vargpt.evaluation.feature_net:train_feature_net"),
     Step("assemble", _step_assemble, "VARGPT from its base models",
          after=("instruct", "tokenizer_finetune", "decoder")),
-    Step("stage1", _stage(1), "stage 1: generation projectors", after=("assemble",)),
-    Step("stage2", _stage(2), "stage 2: LLM + projector on mixed instructions", after=("stage1",)),
-    Step("stage3", _stage(3), "stage 3: visual decoder + generation projectors", after=("stage2",)),
+    Step("stage1", _stage(1), "stage 1: generation projectors", after=("assemble",),
+         takes="vargpt.training.vargpt_trainer:train_stage"),
+    Step("stage2", _stage(2), "stage 2: LLM + projector on mixed instructions", after=("stage1",),
+         takes="vargpt.training.vargpt_trainer:train_stage"),
+    Step("stage3", _stage(3), "stage 3: visual decoder + generation projectors", after=("stage2",),
+         takes="vargpt.training.vargpt_trainer:train_stage"),
     Step("final", _step_final, "the final model directory", after=("stage3",)),
     Step("eval", _step_eval, "held-out understanding, generation and FID; report.html",
-         after=("final", "feature_net")),
+         after=("final", "feature_net"), takes="vargpt.evaluation.run:evaluate_model"),
 )
 """The recipe, in the order one worker runs it (:data:`PLAN` flattened)."""
 
@@ -391,16 +434,18 @@ def run_recipe(
             :mod:`multiprocessing`.
         step_overrides: keyword arguments of a step's trainer by step name, over the recipe's (and smoke
             mode's), e.g. ``{"decoder": {"max_steps": 500}, "stage3": {"lr": 5e-4}}`` (``vargpt pipeline
-            --set decoder.max_steps=500``). Keys under ``"tokenizer"`` reach ``tokenizer_finetune`` too (its
-            main phase must match); ``"tokenizer_finetune": {"finetune_steps": N}`` sets the finetuning.
-            They apply to the steps this call runs; finished steps are not redone.
+            --set decoder.max_steps=500``), checked before any step runs (:func:`override_names`). Keys
+            under ``"tokenizer"`` reach ``tokenizer_finetune`` too (its main phase must match);
+            ``"tokenizer_finetune": {"finetune_steps": N}`` sets the finetuning. They apply to the steps
+            this call runs; finished steps are not redone.
 
     Returns:
         The metrics dict written to ``metrics.json``.
 
     Raises:
         ValueError: an unknown preset or step name, or a run folder made in the other (smoke / full) mode.
-        ConfigError: ``workers < 1``, or ``step_overrides`` naming no step.
+        ConfigError: ``workers < 1``, or ``step_overrides`` naming no step or an argument its step does not
+            take (:func:`override_names`).
     """
     import torch
 
@@ -414,6 +459,11 @@ def run_recipe(
     step_overrides = {k: dict(v) for k, v in (step_overrides or {}).items()}
     if bad := sorted(set(step_overrides) - set(STEP_BY_NAME)):
         raise ConfigError(f"step_overrides for {bad}: not recipe steps; choose from {list(STEP_BY_NAME)}")
+    for name, kwargs in step_overrides.items():  # before any step runs, not when the step's turn comes
+        known = override_names(STEP_BY_NAME[name])
+        if bad := sorted(set(kwargs) - known):
+            raise ConfigError(f"step_overrides[{name!r}]: {bad} not accepted by this step; "
+                              + (f"choose from {sorted(known)}" if known else "it takes no overrides"))
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ConfigError(f"workers={workers}: must be >= 1 (1 runs the steps one after another)")

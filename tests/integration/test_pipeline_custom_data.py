@@ -124,7 +124,7 @@ def test_a_failing_lane_stops_the_run_with_its_error(tmp_path):
     run_recipe(out_dir=run / "again", data_dir=data, smoke=True, progress=False, only=["data", "tokenizer"])
     with pytest.raises(RuntimeError, match=r"step 'llm' failed in its lane: TypeError(.|\n)*Traceback"):
         run_recipe(out_dir=run / "again", data_dir=data, smoke=True, progress=False, workers=2,
-                   step_overrides={"llm": {"no_such_argument": 1}})
+                   step_overrides={"llm": {"seq_len": "long"}})
     assert not multiprocessing.active_children()
 
 
@@ -179,10 +179,14 @@ def test_rerun_skips_finished_steps(smoke_run):
 def test_smoke_pipeline_without_any_class(tmp_path):
     data = write_stripes(tmp_path / "data", classes=False, n_train=12, n_test=6)
     m = run_recipe(out_dir=tmp_path / "run", data_dir=data, smoke=True, progress=False, workers=1,
-                   step_overrides={"decoder": {"max_steps": 2}, "stage3": {"max_steps": 4}})
+                   step_overrides={"decoder": {"max_steps": 2}, "stage3": {"max_steps": 4, "lr": 1e-9}})
     assert set(m["steps"]) == {s.name for s in STEPS}
     r = m["results"]  # the overrides reach their step only, over smoke mode's 3 steps
     assert (r["decoder"]["steps"], r["stage3"]["steps"], r["stage1"]["steps"], r["stage2"]["steps"]) == (2, 4, 3, 3)
+    def lrs(stage):  # noqa: E306 - the learning rates a stage's log shows
+        lines = (tmp_path / "run" / stage / "train" / "log.jsonl").read_text().splitlines()
+        return [e["lr"] for e in map(json.loads, lines) if "lr" in e]
+    assert lrs("stage3") and max(lrs("stage3")) <= 1e-9 < max(lrs("stage2"))  # a TrainConfig field of one stage
     markers = _markers(tmp_path / "run")  # one worker: every step here, one after another
     assert {v["pid"] for v in markers.values()} == {os.getpid()} and {v["lane"] for v in markers.values()} == {None}
     assert m["total_wall_seconds"] == pytest.approx(sum(m["steps"].values()), abs=0.05)

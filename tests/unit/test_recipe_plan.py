@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from vargpt.recipe import PLAN, STEP_BY_NAME, STEPS, Step, _critical_wall_seconds, check_plan, group_lanes
+from vargpt.config import ConfigError
+from vargpt.recipe import (
+    PLAN,
+    STEP_BY_NAME,
+    STEPS,
+    Step,
+    _critical_wall_seconds,
+    check_plan,
+    group_lanes,
+    override_names,
+    run_recipe,
+)
 
 
 def test_the_recipe_plan_is_valid():
@@ -58,3 +69,22 @@ def test_wall_time_of_side_by_side_lanes_is_the_longest_lane():
     assert _critical_wall_seconds(steps) == expected
     serial = {n: {"wall_seconds": 1.0} for n in STEP_BY_NAME}  # markers of one worker: plain sum
     assert _critical_wall_seconds(serial) == len(STEPS)
+
+
+def test_step_overrides_are_checked_before_any_step_runs(tmp_path):
+    """A misspelt ``--set`` fails at once with what the step takes, not when its turn comes minutes later."""
+    assert {"max_steps", "batch_size"} <= override_names(STEP_BY_NAME["decoder"])
+    assert {"lr", "max_steps", "max_eval", "image_min_scale_share"} <= override_names(STEP_BY_NAME["stage3"])
+    assert {"n_train", "n_test"} <= override_names(STEP_BY_NAME["data"])
+    assert {"finetune_steps"} <= override_names(STEP_BY_NAME["tokenizer_finetune"])
+    assert override_names(STEP_BY_NAME["assemble"]) == frozenset()
+    for step in STEPS:  # the run's own folders, preset and seed are never a step's override
+        assert not {"out_dir", "data_dir", "preset", "seed", "progress", "resume"} & override_names(step)
+    cases = [({"stage3": {"learning_rate": 1e-3}}, r"'stage3'.*\['learning_rate'\].*choose from .*'lr'"),
+             ({"decoder": {"max_steps": 5, "lr": 1e-3}}, r"'decoder'.*\['lr'\]"),
+             ({"assemble": {"seed": 1}}, r"'assemble'.*takes no overrides"),
+             ({"stage3": {"out_dir": "x"}}, r"'stage3'.*\['out_dir'\]")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_recipe(out_dir=tmp_path / "run", smoke=True, progress=False, step_overrides=overrides)
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was written

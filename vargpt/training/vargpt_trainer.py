@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vargpt.config import ConfigError, TrainConfig
 from vargpt.data.collate import IGNORE_INDEX
 from vargpt.data.datasets import EncoderCache, VARGPTDataset, collate_vargpt_groups
 from vargpt.data.records import load_records
@@ -129,6 +130,7 @@ def train_stage(
     max_eval: int = 256,
     progress: bool = True,
     encoder_cache: EncoderCache | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Train ``stage`` ("stage1" | "stage2" | "stage3") of :func:`vargpt.training.stages.vargpt_stages`.
 
@@ -149,9 +151,13 @@ def train_stage(
         progress: progress bars.
         encoder_cache: reuse the vision features and VQ codes of images that an earlier stage of this
             process encoded with the same frozen encoders (e.g. one cache for stages 1-3 of a run).
+        overrides: fields of the stage's :class:`~vargpt.config.TrainConfig` to replace, e.g. ``lr=5e-4``.
 
     Returns:
         Metrics: train seconds, held-out loss before/after, image-code accuracy, trainable parameters.
+
+    Raises:
+        ConfigError: an override names no :class:`~vargpt.config.TrainConfig` field.
     """
     specs = vargpt_stages(preset)
     if stage not in specs:
@@ -162,6 +168,11 @@ def train_stage(
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
     if trainable is not None:
         cfg = dataclasses.replace(cfg, trainable=tuple(trainable))
+    if overrides:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown := sorted(set(overrides) - fields):
+            raise ConfigError(f"{stage}: {unknown} are not TrainConfig fields; choose from {sorted(fields)}")
+        cfg = dataclasses.replace(cfg, **overrides)
     out = Path(out_dir)
     model, tokenizer = load_pretrained(from_dir)
     if cfg.image_min_scale_share is not None:  # this stage's floor on the scales' loss shares (not saved)
