@@ -96,10 +96,10 @@ class Step:
 _SET_BY_THE_RECIPE = frozenset({
     "stage", "data_dir", "out_dir", "tokenizer_dir", "llm_dir", "vision_dir", "align_dir", "from_dir", "model_dir",
     "init_from", "out", "feature_net", "loss_curves", "preset", "seed", "resume", "progress", "encoder_cache",
-    "train_cfg", "data",
+    "train_cfg", "data", "pipeline",
 })
-"""Arguments the steps pass themselves (the run's folders, preset, seed, ...) or that are no setting (``data``:
-precomputed inputs), so not overridable."""
+"""Arguments the steps pass themselves (the run's folders, preset, seed, ...) or that are no setting (``data``,
+``pipeline``: objects already built), so not overridable."""
 
 
 def override_names(step: Step) -> frozenset[str]:
