@@ -12,6 +12,29 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def _temp_free_gb() -> tuple[str, float]:
+    import shutil
+    import tempfile
+
+    return tempfile.gettempdir(), shutil.disk_usage(tempfile.gettempdir()).free / 1e9
+
+
+def pytest_report_header(config):
+    """The temp folder's free space (shown without ``-q``)."""
+    where, free_gb = _temp_free_gb()
+    return f"temp dir {where}: {free_gb:.1f} GB free"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A full run writes ~1.6 GB of tiny run folders under the temp dir, and a full disk otherwise shows up
+    only as "No space left on device" deep inside a checkpoint write: say so at the end, also with ``-q``."""
+    where, free_gb = _temp_free_gb()
+    if free_gb < 2.0:
+        terminalreporter.write_line(f"LOW DISK: {where} has {free_gb:.2f} GB free; a full test run needs ~1.6 GB "
+                                    "there, so tests that save checkpoints fail with 'No space left on device'",
+                                    red=True)
+
+
 @pytest.fixture(autouse=True)
 def _fp32_and_seeded():
     """Every test starts in fp32 with a fixed seed, and may not leak a dtype change."""
