@@ -689,14 +689,24 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _from_plain(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
+def _check_fields(cls: type, keys: Any, where: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
+    if unknown := set(keys) - names:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+
+
+def _from_plain(cls: type, data: dict[str, Any], where: str) -> Any:
+    _check_fields(cls, data, where)
+    hints = typing.get_type_hints(cls)
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
+
+
+def replace_fields(obj: Any, overrides: dict[str, Any], where: str) -> Any:
+    """``dataclasses.replace(obj, **overrides)``, raising :class:`ConfigError` (naming ``where`` and the known
+    fields) for a key that is no field of ``obj``."""
+    _check_fields(type(obj), overrides, where)
+    return dataclasses.replace(obj, **overrides)
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:

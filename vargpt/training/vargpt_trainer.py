@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vargpt.config import ConfigError, TrainConfig
+from vargpt.config import replace_fields
 from vargpt.data.collate import IGNORE_INDEX
 from vargpt.data.datasets import EncoderCache, VARGPTDataset, collate_vargpt_groups
 from vargpt.data.records import load_records
@@ -168,11 +168,7 @@ def train_stage(
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
     if trainable is not None:
         cfg = dataclasses.replace(cfg, trainable=tuple(trainable))
-    if overrides:
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown := sorted(set(overrides) - fields):
-            raise ConfigError(f"{stage}: {unknown} are not TrainConfig fields; choose from {sorted(fields)}")
-        cfg = dataclasses.replace(cfg, **overrides)
+    cfg = replace_fields(cfg, overrides, f"{stage} TrainConfig")
     out = Path(out_dir)
     model, tokenizer = load_pretrained(from_dir)
     if cfg.image_min_scale_share is not None:  # this stage's floor on the scales' loss shares (not saved)
