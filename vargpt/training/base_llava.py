@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from vargpt.config import ProjectorConfig, TrainConfig, VARGPTConfig, VisionTowerConfig
+from vargpt.config import ProjectorConfig, TrainConfig, VARGPTConfig, VisionTowerConfig, replace_fields
 from vargpt.data.collate import IGNORE_INDEX, encode_record, pad_samples
 from vargpt.data.records import DatasetError, Record, load_image
 from vargpt.llm.backbone import LLMBackbone
@@ -306,9 +306,12 @@ def train_alignment(
 
     Returns:
         Metrics: held-out answer-token ``loss_before/after``, train losses, steps, seconds.
+
+    Raises:
+        ConfigError: an override names no :class:`~vargpt.config.TrainConfig` field.
     """
     t0 = time.perf_counter()
-    tcfg = dataclasses.replace(train_cfg or ALIGN_TRAIN, **overrides)
+    tcfg = replace_fields(train_cfg or ALIGN_TRAIN, overrides, "train_alignment")
     model, tokenizer, processor, vt_cfg = build_llava(llm_dir, vision_dir, preset=preset, seed=tcfg.seed,
                                                       image_attention=image_attention)
     return _run(model, tokenizer, processor, vt_cfg, data_dir, out_dir, Path(llm_dir) / "tokenizer", tcfg,
@@ -326,7 +329,7 @@ def train_instruct(
     "LLaVA-1.5" that VARGPT's stages start from.
     """
     t0 = time.perf_counter()
-    tcfg = dataclasses.replace(train_cfg or INSTRUCT_TRAIN, **overrides)
+    tcfg = replace_fields(train_cfg or INSTRUCT_TRAIN, overrides, "train_instruct")
     model, tokenizer, processor, vt_cfg = load_llava(align_dir)
     return _run(model, tokenizer, processor, vt_cfg, data_dir, out_dir, Path(align_dir) / "tokenizer", tcfg,
                 preset=preset, resume=resume, progress=progress, data=data, t0=t0)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from vargpt.config import TrainConfig, VARGPTConfig
+from vargpt.config import TrainConfig, VARGPTConfig, replace_fields
 from vargpt.data.conversation import render_segments
 from vargpt.data.records import DatasetError, Message, Record, load_records
 from vargpt.llm.backbone import LLMBackbone
@@ -255,12 +255,16 @@ def train_llm(
 
     Returns:
         Metrics: ``loss_before/after`` (held-out), train loss first/last, steps, train_seconds.
+
+    Raises:
+        ConfigError: an override names no field of :class:`~vargpt.config.TrainConfig` (``overrides``) or
+            :class:`~vargpt.config.LLMConfig` (``llm_overrides``).
     """
     t0 = time.perf_counter()
     cfg = VARGPTConfig.from_name(preset)
-    tcfg = dataclasses.replace(train_cfg or LLM_TRAIN, **overrides)
+    tcfg = replace_fields(train_cfg or LLM_TRAIN, overrides, "train_llm")
+    llm_cfg = replace_fields(cfg.llm, llm_overrides or {}, "train_llm llm_overrides")
     tokenizer = load_text_tokenizer(tokenizer_dir)
-    llm_cfg = dataclasses.replace(cfg.llm, **(llm_overrides or {}))
     llm_cfg = dataclasses.replace(llm_cfg, vocab_size=max(llm_cfg.vocab_size, len(tokenizer)))
     torch.manual_seed(tcfg.seed)
     model = LLMBackbone.from_config(llm_cfg)

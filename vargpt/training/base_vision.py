@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vargpt.config import TrainConfig, VARGPTConfig, VisionTowerConfig
+from vargpt.config import TrainConfig, VARGPTConfig, VisionTowerConfig, replace_fields
 from vargpt.data.records import DatasetError, Record, load_image
 from vargpt.training.base_text import (
     captioning_records,
@@ -239,10 +239,15 @@ def train_vision_tower(
 
     Returns:
         Metrics: held-out ``loss_before/after``, train loss first/last, steps, seconds.
+
+    Raises:
+        ConfigError: an override names no field of :class:`~vargpt.config.TrainConfig` (``overrides``) or
+            :class:`~vargpt.config.VisionTowerConfig` (``tower_overrides``).
     """
     t0 = time.perf_counter()
-    vt_cfg = dataclasses.replace(VARGPTConfig.from_name(preset).vision_tower, **(tower_overrides or {}))
-    tcfg = dataclasses.replace(train_cfg or VISION_TRAIN, **overrides)
+    vt_cfg = replace_fields(VARGPTConfig.from_name(preset).vision_tower, tower_overrides or {},
+                            "train_vision_tower tower_overrides")
+    tcfg = replace_fields(train_cfg or VISION_TRAIN, overrides, "train_vision_tower")
     tokenizer = load_text_tokenizer(tokenizer_dir)
     processor = ImageProcessor.from_config(vt_cfg)
     train_data, eval_data = build_pairs(load_split(data_dir, "train"), load_split(data_dir, "test"),

@@ -137,3 +137,25 @@ def test_supervised_next_token_losses_mean_and_per_sample():
     assert torch.allclose(per[0], ce(logits[0, 3:5], labels[0, 4:6]))
     assert per[1] == 0
     assert torch.allclose(per[2], ce(logits[2, :5], labels[2, 1:]))
+
+
+@pytest.mark.parametrize("call", ["llm", "llm_sizes", "vision", "tower_sizes", "align", "instruct"])
+def test_a_misspelt_override_is_a_config_error_before_any_work(tmp_path, call):
+    from vargpt.config import ConfigError
+    from vargpt.training.base_llava import train_alignment, train_instruct
+    from vargpt.training.base_text import train_llm
+    from vargpt.training.base_vision import train_vision_tower
+
+    missing = tmp_path / "missing"  # no step may get as far as reading it
+    out = tmp_path / "out"
+    calls = {
+        "llm": lambda: train_llm(missing, missing, out, learning_rate=1e-3),
+        "llm_sizes": lambda: train_llm(missing, missing, out, llm_overrides={"hidden": 64}),
+        "vision": lambda: train_vision_tower(missing, missing, out, learning_rate=1e-3),
+        "tower_sizes": lambda: train_vision_tower(missing, missing, out, tower_overrides={"patch": 4}),
+        "align": lambda: train_alignment(missing, missing, missing, out, learning_rate=1e-3),
+        "instruct": lambda: train_instruct(missing, missing, out, learning_rate=1e-3),
+    }
+    with pytest.raises(ConfigError, match="unknown field") as e:
+        calls[call]()
+    assert "known:" in str(e.value) and not out.exists()
