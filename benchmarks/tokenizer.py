@@ -65,6 +65,8 @@ def main() -> None:
                     help="strength of the contrast-weighted pixel loss (default: the recipe's)")
     ap.add_argument("--finetune-steps", type=int, default=None,
                     help="decoder finetuning steps after the main phase (default: the recipe's; 0 = none)")
+    ap.add_argument("--finetune-replay-fraction", type=float, default=None,
+                    help="hard-example replay share of each finetuning batch (default: the recipe's)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="evaluate this checkpoint (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,7 +89,8 @@ def main() -> None:
         metrics = train_tokenizer(data_dir=data, out_dir=out, preset="tiny", max_steps=args.steps,
                                   batch_size=args.batch_size, seed=args.seed, progress=args.progress,
                                   time_budget_s=args.time_budget, replay_fraction=args.replay_fraction,
-                                  edge_weight=args.edge_weight, finetune_steps=args.finetune_steps)
+                                  edge_weight=args.edge_weight, finetune_steps=args.finetune_steps,
+                                  finetune_replay_fraction=args.finetune_replay_fraction)
         model = MultiScaleVQVAE.from_pretrained(out)
         result = {
             "psnr": metrics["psnr"],
@@ -102,6 +105,7 @@ def main() -> None:
             "train_loss": metrics["train_loss"],
             "codes_restarted": metrics["codes_restarted"],
             "replay_fraction": args.replay_fraction,
+            "finetune_replay_fraction": args.finetune_replay_fraction,
             "edge_weight": metrics["edge_weight"],
             "finetune": metrics["finetune"],
             "vqvae": {k: v for k, v in vars(model.cfg).items()},

@@ -169,7 +169,8 @@ def test_decoder_finetuning_keeps_the_codes(folder, tmp_path, monkeypatch):
     assert trainer["finetune"]["step"] == 30 and trainer["step"] == 20
 
 
-def test_decoder_finetuning_resumes_exactly(folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("replay", [0.0, 0.5])
+def test_decoder_finetuning_resumes_exactly(folder, tmp_path, monkeypatch, replay):
     import vargpt.training.tokenizer_trainer as tt
 
     torch.set_num_threads(1)
@@ -177,14 +178,15 @@ def test_decoder_finetuning_resumes_exactly(folder, tmp_path, monkeypatch):
     monkeypatch.setitem(RECIPES, "tiny", dataclasses.replace(
         recipe, finetune=dataclasses.replace(recipe.finetune, batch_size=4, save_every=2)))
     straight, split = tmp_path / "straight", tmp_path / "split"
-    kw = dict(data_dir=folder, max_steps=4, batch_size=4, progress=False, finetune_steps=6)
+    kw = dict(data_dir=folder, max_steps=4, batch_size=4, progress=False, finetune_steps=6,
+              finetune_replay_fraction=replay)
     train_tokenizer(out_dir=straight, **kw)
 
     calls = {"n": 0}
     real_loss = tt._finetune_loss
 
     def crash_on_fifth(*args, **kwargs):
-        calls["n"] += 1
+        calls["n"] += args[0].requires_grad  # training steps only, not the replay's scoring pass
         if calls["n"] == 5:
             raise KeyboardInterrupt  # an interruption after the step-4 checkpoint
         return real_loss(*args, **kwargs)
@@ -201,8 +203,17 @@ def test_decoder_finetuning_resumes_exactly(folder, tmp_path, monkeypatch):
     assert b_trainer["finetune"]["scheduler"]["last_epoch"] == a_trainer["finetune"]["scheduler"]["last_epoch"] == 6
     for k, v in a_state.items():
         torch.testing.assert_close(b_state[k], v, rtol=0, atol=1e-6, msg=k)
+    if replay:  # every image scored from the start (the scoring pass), and the scores resumed with the rest
+        scores_a, scores_b = a_trainer["finetune"]["replay"]["scores"], b_trainer["finetune"]["replay"]["scores"]
+        assert scores_a.shape == (split_images(folder, "train", 32).shape[0],) and not scores_a.isnan().any()
+        torch.testing.assert_close(scores_b, scores_a, rtol=0, atol=1e-6)
+    else:
+        assert "replay" not in a_trainer["finetune"]
     with pytest.raises(ConfigError, match="finetune_steps"):
         train_tokenizer(out_dir=tmp_path / "bad", data_dir=folder, max_steps=1, progress=False, finetune_steps=-1)
+    with pytest.raises(ConfigError, match="replay_fraction"):
+        train_tokenizer(out_dir=tmp_path / "bad", data_dir=folder, max_steps=1, progress=False,
+                        finetune_replay_fraction=1.5)
 
 
 @pytest.fixture
