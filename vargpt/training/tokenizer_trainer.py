@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vargpt.config import ConfigError, TrainConfig, VARGPTConfig, VQVAEConfig, replace_fields
-from vargpt.data.records import image_to_tensor, load_image, load_records, unique_images
+from vargpt.data.records import DatasetError, image_to_tensor, load_image, load_records, unique_images
 from vargpt.tokenizer.quantizer import usage_fraction
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
 from vargpt.training.checkpoint import (
@@ -175,16 +175,24 @@ def contrast_weights(x_B3HW: torch.Tensor, strength: float) -> torch.Tensor:
 def load_image_tensor(paths: list[Path], size: int) -> torch.Tensor:
     """Load images, resized/centre-cropped to ``size``, as one float tensor (N, 3, size, size) in [-1, 1]."""
     if not paths:
-        raise ValueError("no images to load")
+        raise DatasetError("no images to load")
     return torch.stack([image_to_tensor(load_image(p, size)) for p in paths])
 
 
 def split_images(data_dir: str | Path, split: str, size: int) -> torch.Tensor | None:
-    """All distinct images of ``split`` as (N, 3, size, size), or None if the split does not exist."""
+    """All distinct images of ``split`` as (N, 3, size, size), or None if the split does not exist or its
+    records name no image.
+
+    Raises:
+        DatasetError: ``data_dir`` is not a folder, or a record or image is invalid.
+    """
     root = Path(data_dir)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
     if not any((root / f"{split}.{ext}").is_file() for ext in ("jsonl", "json")):
         return None
-    return load_image_tensor(unique_images(load_records(root, split)), size)
+    paths = unique_images(load_records(root, split))
+    return load_image_tensor(paths, size) if paths else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -517,6 +525,7 @@ def train_tokenizer(
     Raises:
         ConfigError: ``finetune_steps`` is negative, or positive for a recipe without finetuning.
         CheckpointError: ``init_from`` is not a checkpoint.
+        DatasetError: ``data_dir`` is missing, holds no training images, or a record or image is invalid.
 
     Returns:
         Metrics: steps, train_seconds, images_per_second, final training loss terms, held-out ``psnr``
@@ -550,7 +559,8 @@ def train_tokenizer(
     t0 = time.perf_counter()
     train_N3HW = split_images(data_dir, "train", model.cfg.image_size)
     if train_N3HW is None:
-        raise FileNotFoundError(f"{data_dir}: no train split (train.jsonl or train.json)")
+        raise DatasetError(f"{data_dir}: no training images (train.jsonl or train.json with image records); "
+                           "the tokenizer learns from the train split's images")
     replay = None
     if tc.replay_fraction > 0:
         replay = ReplaySampler(train_N3HW.shape[0], global_batch=tc.batch_size, fraction=tc.replay_fraction,

@@ -269,3 +269,23 @@ def test_a_run_folder_from_before_the_split_resumes(folder, split_kw, tmp_path):
     codes = [MultiScaleVQVAE.from_pretrained(run / d).eval().encode(split_images(folder, "test", 32))
              for d in ("tokenizer", "tokenizer_main")]
     assert all(torch.equal(a, b) for a, b in zip(*codes, strict=True))
+
+
+def test_a_dataset_without_training_images_is_a_dataset_error(folder, tmp_path):
+    from vargpt.errors import DatasetError
+
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError, match="dataset folder not found"):
+        train_tokenizer(data_dir=tmp_path / "missing", out_dir=out, max_steps=1, progress=False)
+    text_only = tmp_path / "text_only"
+    text_only.mkdir()
+    (text_only / "train.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    with pytest.raises(DatasetError, match="no training images"):
+        train_tokenizer(data_dir=text_only, out_dir=out, max_steps=1, progress=False)
+    assert not out.exists()
+    # A test split without images is no held-out set: the run evaluates on its training images instead.
+    (folder / "test.jsonl").write_text((text_only / "train.jsonl").read_text())
+    assert split_images(folder, "test", 32) is None
+    m = train_tokenizer(data_dir=folder, out_dir=out, max_steps=2, batch_size=4, progress=False, finetune_steps=0)
+    assert m["eval_split"] == "train"
