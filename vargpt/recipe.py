@@ -122,6 +122,31 @@ def override_names(step: Step) -> frozenset[str]:
     return frozenset(names - _SET_BY_THE_RECIPE)
 
 
+def _check_train_values(step: str, kwargs: dict[str, Any]) -> None:
+    """Check the values of a step's overrides that are :class:`~vargpt.config.TrainConfig` fields (``lr``,
+    ``max_steps``, ``replay_fraction``, ...) by its own rules, each field on its own, so a bad value fails
+    before any step runs rather than when this step's turn comes.
+
+    Raises:
+        ConfigError: a value :class:`~vargpt.config.TrainConfig` refuses (its message names field and rule).
+    """
+    import dataclasses
+
+    from vargpt.config import ConfigError, TrainConfig, replace_fields
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in kwargs.items():
+        if key not in fields or value is None:  # None: the step's own default
+            continue
+        try:
+            replace_fields(TrainConfig(), {key: value}, f"step_overrides[{step!r}]")
+        except ConfigError as e:
+            raise ConfigError(f"step_overrides[{step!r}]: {e}") from None
+        except TypeError:  # e.g. a string where a number goes
+            raise ConfigError(f"step_overrides[{step!r}]: {key}={value!r} has the wrong type; TrainConfig.{key} "
+                              f"takes {type(getattr(TrainConfig(), key)).__name__}") from None
+
+
 def _step_data(ctx: RunContext) -> dict[str, Any]:
     import shutil
 
@@ -445,7 +470,8 @@ def run_recipe(
     Raises:
         ValueError: an unknown preset or step name, or a run folder made in the other (smoke / full) mode.
         ConfigError: ``workers < 1``, or ``step_overrides`` naming no step or an argument its step does not
-            take (:func:`override_names`).
+            take (:func:`override_names`), or giving a :class:`~vargpt.config.TrainConfig` field a value it
+            refuses; all checked before any step runs.
     """
     import torch
 
@@ -464,6 +490,7 @@ def run_recipe(
         if bad := sorted(set(kwargs) - known):
             raise ConfigError(f"step_overrides[{name!r}]: {bad} not accepted by this step; "
                               + (f"choose from {sorted(known)}" if known else "it takes no overrides"))
+        _check_train_values(name, kwargs)
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ConfigError(f"workers={workers}: must be >= 1 (1 runs the steps one after another)")

@@ -83,7 +83,11 @@ def test_step_overrides_are_checked_before_any_step_runs(tmp_path):
     cases = [({"stage3": {"learning_rate": 1e-3}}, r"'stage3'.*\['learning_rate'\].*choose from .*'lr'"),
              ({"decoder": {"max_steps": 5, "lr": 1e-3}}, r"'decoder'.*\['lr'\]"),
              ({"assemble": {"seed": 1}}, r"'assemble'.*takes no overrides"),
-             ({"stage3": {"out_dir": "x"}}, r"'stage3'.*\['out_dir'\]")]
+             ({"stage3": {"out_dir": "x"}}, r"'stage3'.*\['out_dir'\]"),
+             # values too, where they are TrainConfig fields
+             ({"stage3": {"lr": -1.0}}, r"'stage3'.*lr.*-1.0.*must be > 0"),
+             ({"stage3": {"lr": "fast"}}, r"'stage3'.*lr='fast' has the wrong type.*takes float"),
+             ({"decoder": {"max_steps": -5}}, r"'decoder'.*max_steps=-5: must be a positive")]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             run_recipe(out_dir=tmp_path / "run", smoke=True, progress=False, step_overrides=overrides)
