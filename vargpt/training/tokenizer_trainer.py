@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vargpt.config import ConfigError, TrainConfig, VARGPTConfig, VQVAEConfig, replace_fields
+from vargpt.config import ConfigError, TrainConfig, VARGPTConfig, VQVAEConfig
 from vargpt.data.records import DatasetError, image_to_tensor, load_image, load_records, unique_images
 from vargpt.tokenizer.quantizer import usage_fraction
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
@@ -187,11 +187,9 @@ def split_images(data_dir: str | Path, split: str, size: int) -> torch.Tensor | 
         DatasetError: ``data_dir`` is not a folder, or a record or image is invalid.
     """
     root = Path(data_dir)
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {root}")
-    if not any((root / f"{split}.{ext}").is_file() for ext in ("jsonl", "json")):
+    if root.is_dir() and not any((root / f"{split}.{ext}").is_file() for ext in ("jsonl", "json")):
         return None
-    paths = unique_images(load_records(root, split))
+    paths = unique_images(load_records(root, split))  # a missing folder: load_records' DatasetError
     return load_image_tensor(paths, size) if paths else None
 
 
@@ -550,8 +548,8 @@ def train_tokenizer(
                     else dataclasses.replace(recipe.finetune, max_steps=finetune_steps))
         recipe = dataclasses.replace(recipe, finetune=finetune)
     if finetune_replay_fraction is not None and recipe.finetune is not None:
-        recipe = dataclasses.replace(recipe, finetune=replace_fields(
-            recipe.finetune, {"replay_fraction": finetune_replay_fraction}, "finetune_replay_fraction"))
+        recipe = dataclasses.replace(recipe, finetune=dataclasses.replace(
+            recipe.finetune, replay_fraction=finetune_replay_fraction))
     tc, out = recipe.train, Path(out_dir)
 
     model, opt, sched, st = _setup(out, preset, recipe, resume, seed, tc.max_steps,
