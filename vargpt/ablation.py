@@ -9,8 +9,12 @@ optionally with its trainable parameters overridden (``train_stage(trainable=...
 | ``full`` | stage1 -> stage2 -> stage3 | |
 | ``no_stage1`` | stage2 -> stage3 | no generation-projector pre-training |
 | ``no_stage3`` | stage1 -> stage2 | no generation instruction tuning (full's stage-2 model, evaluated directly) |
-| ``frozen_gen_projectors`` | stage1 -> stage2 -> stage3 (``vargpt_gen.*`` only) | stage 3 keeps the gen projectors |
-| ``frozen_decoder`` | stage1 -> stage2 -> stage3 (generation projectors only) | stage 3 keeps the visual decoder |
+| ``frozen_gen_projectors`` | stage1 -> stage2 -> stage3 (its decoder globs only) | stage 3 keeps the gen projectors |
+| ``frozen_decoder`` | stage1 -> stage2 -> stage3 (its projector globs only) | stage 3 keeps the visual decoder |
+
+The two frozen variants split the preset's own stage-3 trainable set (``StageRun.without``), so together
+they train exactly what ``full``'s stage 3 trains, whatever the preset freezes there (``tiny`` keeps the
+decoder's embeddings and the input projector frozen in every stage-3 run).
 
 Identical chain prefixes are trained once and shared (five variants, seven stage runs instead of
 thirteen): ``OUT/stages/<tag+tag+...>/`` holds each trained prefix (a ``train_stage`` output folder),
@@ -34,13 +38,14 @@ import logging
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from vargpt.config import ConfigError
 from vargpt.files import write_json_atomic
 from vargpt.recipe import STEPS
-from vargpt.training.stages import GEN_PROJECTORS
+from vargpt.training.stages import vargpt_stages
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,28 @@ class StageRun:
     """``stage1`` | ``stage2`` | ``stage3`` (its data, loss weights and optimiser are the recipe's)."""
     trainable: tuple[str, ...] | None = None
     """Parameter globs that train instead of the stage's own (None = the stage's own)."""
+    without: tuple[str, ...] = ()
+    """Patterns (:func:`fnmatch.fnmatchcase`) of the stage's own trainable globs to leave out: with
+    ``("vargpt_gen.*",)`` every decoder glob of the preset's stage freezes, whatever it lists."""
+
+    def __post_init__(self) -> None:
+        if self.trainable is not None and self.without:
+            raise ConfigError(f"ablation stage run {self.tag!r}: give trainable or without, not both")
+
+    def resolve_trainable(self, preset: str) -> tuple[str, ...] | None:
+        """The globs this run trains at ``preset`` (None = the stage's own, unchanged).
+
+        Raises:
+            ConfigError: ``without`` leaves none of the stage's globs (or the preset is unknown).
+        """
+        if not self.without:
+            return self.trainable
+        own = vargpt_stages(preset)[self.stage].train.trainable
+        kept = tuple(g for g in own if not any(fnmatchcase(g, p) for p in self.without))
+        if not kept:
+            raise ConfigError(f"ablation stage run {self.tag!r}: leaving out {list(self.without)} from "
+                              f"{self.stage}'s trainable {list(own)} at preset {preset!r} leaves nothing to train")
+        return kept
 
 
 @dataclass(frozen=True)
@@ -73,19 +100,19 @@ class Variant:
 STAGE1 = StageRun("stage1", "stage1")
 STAGE2 = StageRun("stage2", "stage2")
 STAGE3 = StageRun("stage3", "stage3")
-STAGE3_DECODER_ONLY = StageRun("stage3_decoder_only", "stage3", trainable=("vargpt_gen.*",))
-"""Stage 3 with frozen generation projectors: only the visual decoder trains."""
-STAGE3_PROJECTORS_ONLY = StageRun("stage3_projectors_only", "stage3", trainable=GEN_PROJECTORS)
-"""Stage 3 with a frozen visual decoder: only the generation projectors train."""
+STAGE3_DECODER_ONLY = StageRun("stage3_decoder_only", "stage3", without=("image_gen_projector*",))
+"""Stage 3 with frozen generation projectors: only the stage's visual-decoder globs train."""
+STAGE3_PROJECTORS_ONLY = StageRun("stage3_projectors_only", "stage3", without=("vargpt_gen.*",))
+"""Stage 3 with a frozen visual decoder: only the stage's generation-projector globs train."""
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("full", "full (stage 1 -> 2 -> 3)", (STAGE1, STAGE2, STAGE3), "the recipe's three stages"),
     Variant("no_stage1", "w/o stage 1", (STAGE2, STAGE3), "stage0 -> stage2 -> stage3"),
     Variant("no_stage3", "w/o stage 3", (STAGE1, STAGE2), "full's stage-2 model, evaluated directly"),
     Variant("frozen_gen_projectors", "stage 3, frozen gen projectors", (STAGE1, STAGE2, STAGE3_DECODER_ONLY),
-            "stage 3 trains only the visual decoder (vargpt_gen.*)"),
+            "stage 3 trains only its visual-decoder parameters"),
     Variant("frozen_decoder", "stage 3, frozen visual decoder", (STAGE1, STAGE2, STAGE3_PROJECTORS_ONLY),
-            "stage 3 trains only the generation projectors"),
+            "stage 3 trains only its generation-projector parameters"),
 )
 """The ablation's variants (paper Table 4 pattern), in table order."""
 
@@ -200,6 +227,7 @@ def run_ablation(
                           "max_steps": max_steps, "seed": seed, "max_understanding": max_understanding,
                           "max_generation": max_generation})
     nodes = plan(variants)  # validates the variants before any work
+    trainable = {chain_key(c): c[-1].resolve_trainable(preset) for c in nodes}
 
     logger.info("ablation: shared recipe prefix (%s) in %s", ", ".join(PREFIX_STEPS), run)
     run_recipe(out_dir=run, preset=preset, data_dir=data_dir, seed=seed, progress=progress, only=PREFIX_STEPS)
@@ -221,7 +249,7 @@ def run_ablation(
             logger.info("ablation: training %s from %s", key, parent)
             s = chain[-1]
             metrics = train_stage(s.stage, from_dir=parent, data_dir=data, out_dir=node, preset=preset,
-                                  max_steps=max_steps, trainable=s.trainable, resume=True, seed=seed,
+                                  max_steps=max_steps, trainable=trainable[key], resume=True, seed=seed,
                                   progress=progress, encoder_cache=cache)
         stages[key] = {"from": str(parent), **metrics}
 

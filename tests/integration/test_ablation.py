@@ -66,6 +66,10 @@ def test_ablation_variants_train_what_they_should_and_resume(run_folder, tmp_pat
                  _weights(st / "stage1+stage2", "image_gen_projector"))
     assert not _same(_weights(st / "stage1+stage2+stage3_decoder_only", "vargpt_gen."),
                      _weights(st / "stage1+stage2", "vargpt_gen."))
+    # The frozen variants split the preset's own stage-3 set (tiny: decoder blocks and head, output projector).
+    assert result["stages"]["stage1+stage2+stage3_projectors_only"]["trainable"] == ["image_gen_projector_out.*"]
+    assert result["stages"]["stage1+stage2+stage3_decoder_only"]["trainable"] == [
+        "vargpt_gen.blocks.*", "vargpt_gen.head.*", "vargpt_gen.head_nm.*"]
     # W/o stage 1: the projectors stage 2 starts from are stage0's.
     assert _same(_weights(st / "stage2", "image_gen_projector"), _weights(run_folder / "stage0", "image_gen_projector"))
     # The recipe ran only its shared prefix in the run folder (its own stages are not trained).

@@ -268,10 +268,11 @@ def test_tiny_stage3_floors_the_scale_shares_of_its_code_loss(setup, tmp_path, m
 
 def test_tiny_stage3_text_loss_reaches_the_llm_only_through_the_image_slots(setup):
     """Tiny stage 3 keeps the text loss (the paper's preset does not). With the LLM frozen, its gradient reaches
-    stage 3's parameters only through the generated image's slots, i.e. the </s> after ``<image_gen_end>``
-    trains the projector that feeds the LLM those slots (without it, stage 3 moved them until the LLM kept
-    talking after the image) and the decoder's input embeddings the slots are made from; the decoder's blocks
-    and head and the output projector get nothing from it."""
+    generation parameters only through the generated image's slots, i.e. the </s> after ``<image_gen_end>``
+    trains the projector that feeds the LLM those slots (without it, a stage 3 that trained that projector
+    moved them until the LLM kept talking after the image) and the decoder's input embeddings the slots are
+    made from; the decoder's blocks and head and the output projector get nothing from it. (The recipe's tiny
+    stage 3 freezes that projector and those embeddings; stage-3 runs with other trainable sets train them.)"""
     from vargpt.data.datasets import VARGPTDataset, collate_vargpt
     from vargpt.data.records import load_records
     from vargpt.training.stages import vargpt_stages

@@ -22,7 +22,8 @@ def test_variant_chains_follow_table_4():
         "frozen_decoder": ("stage1", "stage2", "stage3_projectors_only"),
     }
     for v in VARIANTS:
-        assert all(s.trainable is None for s in v.stages[:-1])  # only the last stage of a variant is modified
+        # only the last stage of a variant is modified
+        assert all(s.trainable is None and not s.without for s in v.stages[:-1])
 
 
 def test_shared_prefixes_train_once_parents_first():
@@ -38,7 +39,28 @@ def test_shared_prefixes_train_once_parents_first():
     assert models["no_stage3"] == "stage1+stage2"
 
 
-def test_frozen_stage3_variants_split_stage3_trainable_set(hf_tokenizer):
+@pytest.mark.parametrize("preset", ["tiny", "vargpt-v1-7b"])
+def test_frozen_stage3_variants_split_stage3_trainable_set(hf_tokenizer, preset):
+    from vargpt.model import VARGPT
+    from vargpt.special_tokens import SpecialTokenIds
+    from vargpt.training.loop import set_trainable
+
+    cfg = VARGPTConfig.from_name("tiny")  # the 7b preset's globs name the same parameters
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=1))
+    model = VARGPT.from_config(cfg, SpecialTokenIds.from_tokenizer(hf_tokenizer))
+    by_tag = {s.tag: s for v in VARIANTS for s in v.stages}
+    stage3 = set(set_trainable(model, vargpt_stages(preset)["stage3"].train.trainable))
+    assert STAGE3.resolve_trainable(preset) is None  # full: the stage's own
+    decoder_only = set(set_trainable(model, by_tag["stage3_decoder_only"].resolve_trainable(preset)))
+    projectors_only = set(set_trainable(model, by_tag["stage3_projectors_only"].resolve_trainable(preset)))
+    assert decoder_only and all(n.startswith("vargpt_gen.") for n in decoder_only)
+    assert projectors_only and all(n.startswith("image_gen_projector") for n in projectors_only)
+    assert decoder_only | projectors_only == stage3 and not decoder_only & projectors_only
+    assert by_tag["stage3_decoder_only"].stage == by_tag["stage3_projectors_only"].stage == STAGE3.stage
+
+
+def test_tiny_stage3_leaves_the_llm_without_a_backward_pass(hf_tokenizer):
+    """Nothing upstream of the frozen LLM trains in tiny's stage 3 (decoder embeddings, input projector)."""
     from vargpt.model import VARGPT
     from vargpt.special_tokens import SpecialTokenIds
     from vargpt.training.loop import set_trainable
@@ -46,14 +68,19 @@ def test_frozen_stage3_variants_split_stage3_trainable_set(hf_tokenizer):
     cfg = VARGPTConfig.from_name("tiny")
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=1))
     model = VARGPT.from_config(cfg, SpecialTokenIds.from_tokenizer(hf_tokenizer))
-    by_tag = {s.tag: s for v in VARIANTS for s in v.stages}
-    stage3 = set(set_trainable(model, vargpt_stages("tiny")["stage3"].train.trainable))
-    decoder_only = set(set_trainable(model, by_tag["stage3_decoder_only"].trainable))
-    projectors_only = set(set_trainable(model, by_tag["stage3_projectors_only"].trainable))
-    assert decoder_only and all(n.startswith("vargpt_gen.") for n in decoder_only)
-    assert projectors_only and all(n.startswith("image_gen_projector") for n in projectors_only)
-    assert decoder_only | projectors_only == stage3 and not decoder_only & projectors_only
-    assert by_tag["stage3_decoder_only"].stage == by_tag["stage3_projectors_only"].stage == STAGE3.stage
+    names = set(set_trainable(model, vargpt_stages("tiny")["stage3"].train.trainable))
+    assert any(n.startswith("vargpt_gen.blocks.") for n in names)
+    assert any(n.startswith("image_gen_projector_out.") for n in names)
+    upstream = ("image_gen_projector.", "vargpt_gen.word_embed", "vargpt_gen.pos_", "vargpt_gen.lvl_embed",
+                "vargpt_gen.class_", "language_model.")
+    assert not [n for n in names if n.startswith(upstream)]
+
+
+def test_a_stage_run_that_leaves_nothing_is_refused():
+    with pytest.raises(ConfigError, match="leaves nothing"):
+        StageRun("none", "stage3", without=("*",)).resolve_trainable("tiny")
+    with pytest.raises(ConfigError, match="not both"):
+        StageRun("both", "stage3", trainable=("a.*",), without=("b.*",))
 
 
 def test_plan_rejects_bad_variants():

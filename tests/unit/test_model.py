@@ -188,7 +188,8 @@ def test_trainable_sets_per_stage(model):
     expect = {
         "stage1": ("image_gen_projector.", "image_gen_projector_out.", "vargpt_gen.class_", "vargpt_gen.pos_start"),
         "stage2": ("language_model.", "multi_modal_projector."),
-        "stage3": ("vargpt_gen.", "image_gen_projector.", "image_gen_projector_out."),
+        # stage 3: nothing upstream of the frozen LLM (no decoder embeddings, no input projector)
+        "stage3": ("vargpt_gen.blocks.", "vargpt_gen.head.", "vargpt_gen.head_nm.", "image_gen_projector_out."),
     }
     try:
         for name, spec in stages.items():
