@@ -194,7 +194,8 @@ def run_ablation(
     """Train and evaluate every variant (see module docstring); write ``ablation.json`` / ``ablation.md``.
 
     Args:
-        out_dir: ablation folder (resumable; a rerun with other settings is a ``ConfigError``).
+        out_dir: ablation folder (resumable; a rerun with other settings, the stage runs' resolved trainable
+            globs included, is a ``ConfigError``).
         preset: config and stage preset.
         data_dir: dataset in the README format; None = the run's ``data/`` (ShapesWorld, generated if absent).
         from_run: a ``vargpt pipeline`` run folder whose steps up to ``assemble`` (and ``feature_net``) are
@@ -223,11 +224,14 @@ def run_ablation(
     command = ablation_command(out_dir=out_dir, preset=preset, data_dir=data_dir, from_run=from_run,
                                max_steps=max_steps, seed=seed, max_understanding=max_understanding,
                                max_generation=max_generation)
-    _check_settings(out, {"preset": preset, "run": str(run.resolve()), "data": str(data.resolve()),
-                          "max_steps": max_steps, "seed": seed, "max_understanding": max_understanding,
-                          "max_generation": max_generation})
     nodes = plan(variants)  # validates the variants before any work
     trainable = {chain_key(c): c[-1].resolve_trainable(preset) for c in nodes}
+    # The resolved globs are part of the settings: a folder made under another recipe's stage-3 set is refused
+    # rather than resumed with stage runs that trained other parameters.
+    _check_settings(out, {"preset": preset, "run": str(run.resolve()), "data": str(data.resolve()),
+                          "max_steps": max_steps, "seed": seed, "max_understanding": max_understanding,
+                          "max_generation": max_generation,
+                          "trainable": {k: None if v is None else list(v) for k, v in trainable.items()}})
 
     logger.info("ablation: shared recipe prefix (%s) in %s", ", ".join(PREFIX_STEPS), run)
     run_recipe(out_dir=run, preset=preset, data_dir=data_dir, seed=seed, progress=progress, only=PREFIX_STEPS)

@@ -100,3 +100,11 @@ def test_ablation_variants_train_what_they_should_and_resume(run_folder, tmp_pat
     # Other settings in the same folder are refused with a one-line error.
     assert main(["ablate", "--out", str(out), "--from-run", str(run_folder), "--max-steps", "3", "--quiet"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # So is a folder whose stage runs trained other parameters (e.g. one made before a recipe change).
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["trainable"]["stage1+stage2+stage3_projectors_only"] == ["image_gen_projector_out.*"]
+    settings["trainable"]["stage1+stage2+stage3_projectors_only"] = ["image_gen_projector.*",
+                                                                    "image_gen_projector_out.*"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    assert main(["ablate", "--out", str(out), "--from-run", str(run_folder), *EVAL, "--quiet"]) == 2
+    assert "other settings (trainable" in capsys.readouterr().err
