@@ -132,14 +132,14 @@ def _check_train_values(step: str, kwargs: dict[str, Any]) -> None:
     """
     import dataclasses
 
-    from vargpt.config import ConfigError, TrainConfig, replace_fields
+    from vargpt.config import ConfigError, TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, value in kwargs.items():
         if key not in fields or value is None:  # None: the step's own default
             continue
-        try:
-            replace_fields(TrainConfig(), {key: value}, f"step_overrides[{step!r}]")
+        try:  # key is a field, so only TrainConfig's value rules can refuse it
+            dataclasses.replace(TrainConfig(), **{key: value})
         except ConfigError as e:
             raise ConfigError(f"step_overrides[{step!r}]: {e}") from None
         except TypeError:  # e.g. a string where a number goes
