@@ -166,7 +166,8 @@ def evaluate_generation(
 
     Returns:
         ``{"n_prompts", "n_images", "accuracy": {key: acc}, "accuracy_n": {key: n}, "seen": {key: acc},
-        "unseen": {key: acc}, "n_seen", "n_unseen", "per_task": {task: {key: acc}},
+        "unseen": {key: acc}, "n_seen", "n_unseen", "per_task": {task: {key: acc}}, "per_size": {size: {key: acc}}
+        over the prompts that ask for a size (ShapesWorld captions), "per_size_n": {size: images},
         "samples": [{"prompt", "image", "previews", "expected", "judged", "combo_seen", "task", "reference",
         "seed"}]}`` with accuracies over judged images (keys in :data:`ORACLE_KEYS`; a key is absent
         when no prompt asked for it; None everywhere without a world).
@@ -178,6 +179,7 @@ def evaluate_generation(
     overall: dict[str, list[bool]] = defaultdict(list)
     by_combo: dict[bool, dict[str, list[bool]]] = {True: defaultdict(list), False: defaultdict(list)}
     by_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    by_size: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     samples = []
     for k, res in enumerate(results):
         it = items[k // n_per_prompt]
@@ -187,6 +189,8 @@ def evaluate_generation(
             if it.combo_seen is not None:
                 by_combo[it.combo_seen][key].append(ok)
             by_task[it.task or "all"][key].append(ok)
+            if it.expected.get("size"):
+                by_size[it.expected["size"]][key].append(ok)
         samples.append({"prompt": it.prompt, "image": res.image, "previews": list(getattr(res, "previews", []) or []),
                         "expected": it.expected, "judged": judged, "combo_seen": it.combo_seen, "task": it.task,
                         "reference": str(it.reference) if it.reference else None, "seed": getattr(res, "seed", None)})
@@ -200,6 +204,8 @@ def evaluate_generation(
         "n_seen": sum(s["combo_seen"] is True for s in samples if s["judged"]),
         "n_unseen": sum(s["combo_seen"] is False for s in samples if s["judged"]),
         "per_task": {t: _rates(h) for t, h in sorted(by_task.items())} if judged_any else None,
+        "per_size": {z: _rates(h) for z, h in sorted(by_size.items())} if judged_any else None,
+        "per_size_n": {z: len(h["size"]) for z, h in sorted(by_size.items())} if judged_any else None,
         "samples": samples,
     }
 

@@ -157,9 +157,12 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
 
 
 def _attribute_table(metrics: Mapping[str, Any]) -> str:
-    """Oracle accuracy per attribute x (all, seen, unseen combinations), when present."""
+    """Oracle accuracy per attribute x (all, seen, unseen combinations, each asked-for size), when present."""
     cols = [("all prompts", metrics.get("generation_per_attribute")), ("seen combos", metrics.get("generation_seen")),
             ("held-out combos", metrics.get("generation_unseen"))]
+    per_size = metrics.get("generation_per_size")
+    if isinstance(per_size, Mapping):  # prompts that ask for a size, one column per size
+        cols += [(f"{size} objects", acc) for size, acc in per_size.items()]
     cols = [(name, c) for name, c in cols if isinstance(c, Mapping) and c]
     if not cols:
         return ""

@@ -124,7 +124,8 @@ def evaluate_model(
         ``{"model", "data", "split", "seed", "understanding_accuracy", "understanding_n",
         "understanding_per_qtype", "understanding_per_task", "generation_accuracy" (oracle
         colour+shape; null without an oracle), "generation_per_attribute", "generation_seen",
-        "generation_unseen", "generation_per_task", "generation_n_prompts", "generation_n_images",
+        "generation_unseen", "generation_per_task", "generation_per_size" (per asked-for size, over the
+        prompts that name one), "generation_per_size_n", "generation_n_prompts", "generation_n_images",
         "generation_reply_accuracy" (of the replies to generation prompts that name the asked-for colour,
         shape, size or position, the share naming only the asked-for ones; null without an oracle),
         "generation_reply_named" (share of replies naming any), "generation_reply_per_attribute",
@@ -196,6 +197,7 @@ def evaluate_model(
         "generation_accuracy": (gen["accuracy"] or {}).get("colour+shape"),
         "generation_per_attribute": gen["accuracy"], "generation_seen": gen["seen"],
         "generation_unseen": gen["unseen"], "generation_per_task": gen["per_task"],
+        "generation_per_size": gen["per_size"], "generation_per_size_n": gen["per_size_n"],
         "generation_n_prompts": gen["n_prompts"], "generation_n_images": gen["n_images"],
         "generation_reply_accuracy": replies["accuracy"].get("all"),
         "generation_reply_per_attribute": replies["accuracy"] or None,

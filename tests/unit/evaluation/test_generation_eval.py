@@ -48,6 +48,10 @@ def test_real_images_score_about_one(shapes_dir, test_records, stand_in):
     assert res["accuracy_n"]["colour"] == 2 * n and res["accuracy_n"]["position"] < 2 * n
     assert set(res["per_task"]) == {"gen", "class_gen"}
     assert "position" not in res["per_task"]["class_gen"]
+    # per asked-for size: only the caption prompts name one, and every image of them is counted once
+    sizes = [it.expected["size"] for it in generation_items(test_records) if "size" in it.expected]
+    assert set(res["per_size"]) == set(sizes) and sum(res["per_size_n"].values()) == 2 * len(sizes)
+    assert all(res["per_size"][z]["colour+shape"] >= 0.95 for z in res["per_size"])
     s = res["samples"][0]
     assert s["image"].size == (32, 32) and len(s["previews"]) == 4 and s["judged"]["colour+shape"]
 
@@ -56,11 +60,12 @@ def test_blank_images_score_zero(shapes_dir, test_records, stand_in):
     res = evaluate_generation(stand_in(test_records, "wrong"), test_records, load_world(shapes_dir), max_prompts=10)
     assert res["n_prompts"] == 10
     assert all(v == 0.0 for v in res["accuracy"].values()), res["accuracy"]
+    assert res["per_size"] and all(v == 0.0 for acc in res["per_size"].values() for v in acc.values())
 
 
 def test_without_world_no_oracle(test_records, stand_in):
     res = evaluate_generation(stand_in(test_records, "right"), test_records, None, max_prompts=3)
-    assert res["accuracy"] is None and res["seen"] is None and len(res["samples"]) == 3
+    assert res["accuracy"] is None and res["seen"] is None and res["per_size"] is None and len(res["samples"]) == 3
     assert all(s["judged"] is None for s in res["samples"])
 
 

@@ -23,6 +23,7 @@ def test_write_report(tmp_path):
                "understanding_per_qtype": {"colour": 1.0, "shape": 0.0}, "generation_accuracy": 0.25,
                "generation_per_attribute": {"colour": 0.5, "colour+shape": 0.25},
                "generation_seen": {"colour": 0.75}, "generation_unseen": {"colour": 0.125},
+               "generation_per_size": {"small": {"colour": 0.375}, "large": {"colour": 0.875}},
                "fid": 12.3456, "fid_reference": 3.21, "seconds": {"generation": 4.2}, "note": None}
     und = [{"image": str(img), "question": "What colour is the <b>square</b>?", "answer": "red", "gold": "red",
             "correct": True, "qtype": "colour", "task": "qa"},
@@ -42,7 +43,8 @@ def test_write_report(tmp_path):
     assert len(uris) == 8
     assert all(base64.b64decode(u)[:8] == b"\x89PNG\r\n\x1a\n" for u in uris)
     for text in ("50.0%", "25.0%", "12.35", "3.21", "understanding_per_qtype.colour", "Draw a green circle.",
-                 "held-out combo", "scale 3", "gold: star", "&lt;b&gt;square&lt;/b&gt;", "seconds.generation"):
+                 "held-out combo", "small objects", "37.5%", "87.5%",
+                 "scale 3", "gold: star", "&lt;b&gt;square&lt;/b&gt;", "seconds.generation"):
         assert text in page, text
     assert "<b>square</b>" not in page  # escaped
     assert page.count('class="qa ok"') == 1 and page.count('class="qa bad"') == 1
