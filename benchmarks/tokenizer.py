@@ -67,6 +67,10 @@ def main() -> None:
                     help="decoder finetuning steps after the main phase (default: the recipe's; 0 = none)")
     ap.add_argument("--finetune-replay-fraction", type=float, default=None,
                     help="hard-example replay share of each finetuning batch (default: the recipe's)")
+    ap.add_argument("--adv-weight", type=float, default=None,
+                    help="weight of the adversarial (VQGAN) term of the main phase (default: the recipe's; 0 = off)")
+    ap.add_argument("--adv-start", type=int, default=None,
+                    help="main-phase step from which the adversarial term counts (default: the recipe's)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="evaluate this checkpoint (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,7 +94,8 @@ def main() -> None:
                                   batch_size=args.batch_size, seed=args.seed, progress=args.progress,
                                   time_budget_s=args.time_budget, replay_fraction=args.replay_fraction,
                                   edge_weight=args.edge_weight, finetune_steps=args.finetune_steps,
-                                  finetune_replay_fraction=args.finetune_replay_fraction)
+                                  finetune_replay_fraction=args.finetune_replay_fraction,
+                                  adv_weight=args.adv_weight, adv_start=args.adv_start)
         model = MultiScaleVQVAE.from_pretrained(out)
         result = {
             "psnr": metrics["psnr"],
@@ -107,6 +112,7 @@ def main() -> None:
             "replay_fraction": args.replay_fraction,
             "finetune_replay_fraction": args.finetune_replay_fraction,
             "edge_weight": metrics["edge_weight"],
+            "adversarial": metrics["adversarial"],
             "finetune": metrics["finetune"],
             "vqvae": {k: v for k, v in vars(model.cfg).items()},
             "data_seconds": round(gen_seconds + metrics["load_seconds"], 2),

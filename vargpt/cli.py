@@ -92,7 +92,8 @@ def _train(a: argparse.Namespace) -> None:
         from vargpt.training.tokenizer_trainer import train_tokenizer
 
         result = train_tokenizer(data_dir=a.data, out_dir=a.out, max_steps=a.steps, resume=a.resume, seed=a.seed,
-                                 finetune_steps=a.finetune_steps, init_from=a.from_dir, **common)
+                                 finetune_steps=a.finetune_steps, init_from=a.from_dir, adv_weight=a.adv_weight,
+                                 adv_start=a.adv_start, **common)
     elif what == "decoder":
         from vargpt.training.decoder_trainer import train_decoder
 
@@ -172,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="override the recipe's optimiser steps")
     s.add_argument("--finetune-steps", type=int, default=None,
                    help="tokenizer: decoder finetuning steps after the main phase (default: the recipe's; 0 = none)")
+    s.add_argument("--adv-weight", type=float, default=None,
+                   help="tokenizer: weight of the adversarial (VQGAN patch-discriminator) term of the main phase "
+                        "(default: the recipe's, 0 = off)")
+    s.add_argument("--adv-start", type=int, default=None,
+                   help="tokenizer: main-phase step from which the adversarial term counts (default: the recipe's)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,9 +1,10 @@
 """Training of the multi-scale VQ-VAE tokenizer from scratch on any dataset folder.
 
-Loss = image reconstruction (pixel MSE on [-1, 1], optionally + L1; no perceptual/GAN term, since no
-pretrained feature network is available offline) + the quantizer loss of SPEC 1.10. The pixel terms can be
-weighted by the target's local contrast (:func:`contrast_weights`), so that edges and thin strokes, a small
-share of the pixels, get a larger share of the loss. Against codebook collapse the
+Loss = image reconstruction (pixel MSE on [-1, 1], optionally + L1; no perceptual term, since no pretrained
+feature network is available offline) + the quantizer loss of SPEC 1.10, optionally + VQGAN's adversarial term
+(a patch discriminator trained beside the tokenizer, :mod:`vargpt.training.adversarial`; off in every preset).
+The pixel terms can be weighted by the target's local contrast (:func:`contrast_weights`), so that edges and thin
+strokes, a small share of the pixels, get a larger share of the loss. Against codebook collapse the
 codebook is initialised from encoder residuals of the first batch and codes left unused for
 ``restart_every`` steps are restarted on random residuals (:meth:`MultiScaleQuantizer.restart_codes_`).
 An optional second phase (:attr:`TokenizerRecipe.finetune`) then trains the decoder alone on the frozen
@@ -34,6 +35,7 @@ from vargpt.config import ConfigError, TrainConfig, VARGPTConfig, VQVAEConfig
 from vargpt.data.records import DatasetError, image_to_tensor, load_image, load_records, unique_images
 from vargpt.tokenizer.quantizer import usage_fraction
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
+from vargpt.training.adversarial import Adversary
 from vargpt.training.checkpoint import (
     CheckpointError,
     is_checkpoint,
@@ -79,11 +81,31 @@ class TokenizerRecipe:
     predict, which contrast weighting in the main phase does."""
     finetune_edge_weight: float = 0.0
     """Strength of the contrast weighting (:func:`contrast_weights`) of the finetuning's pixel loss."""
+    adv_weight: float = 0.0
+    """Weight of the adversarial (VQGAN) term in the main phase (0 = off: no discriminator is built). With
+    ``adv_adaptive`` it multiplies VQGAN's adaptive weight (:mod:`vargpt.training.adversarial`)."""
+    adv_start: int = 0
+    """Main-phase step from which the discriminator trains and the adversarial term counts (VQGAN's
+    ``disc_start``: let the autoencoder learn to reconstruct first)."""
+    adv_adaptive: bool = True
+    """Balance the adversarial gradient against the pixel loss's at the decoder's last layer."""
+    adv_disc_channels: int = 64
+    """Width of the discriminator's first layer (:class:`~vargpt.training.adversarial.PatchDiscriminator`)."""
+    adv_disc_layers: int = 3
+    """Stride-2 layers of the discriminator (3: 70 px patches)."""
+    adv_disc_lr: float | None = None
+    """The discriminator's (constant) learning rate; None = the main phase's peak ``train.lr``."""
 
     def __post_init__(self) -> None:
-        for name in ("l2_weight", "l1_weight", "vq_weight", "edge_weight", "finetune_edge_weight"):
+        for name in ("l2_weight", "l1_weight", "vq_weight", "edge_weight", "finetune_edge_weight", "adv_weight",
+                     "adv_start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 0")
+        for name in ("adv_disc_channels", "adv_disc_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 1")
+        if self.adv_disc_lr is not None and self.adv_disc_lr <= 0:
+            raise ValueError(f"TokenizerRecipe.adv_disc_lr={self.adv_disc_lr}: must be > 0 (or None)")
 
 
 RECIPES: dict[str, TokenizerRecipe] = {
@@ -240,6 +262,8 @@ class _State:
     finetune: dict[str, Any] | None = None
     """Decoder finetuning's progress: ``step``, ``optimizer``, ``scheduler``, ``seconds``, ``initial_loss``,
     ``loss`` (None until it starts)."""
+    adversary: dict[str, Any] | None = None
+    """:meth:`Adversary.state_dict` (discriminator and its optimiser) when the recipe has an adversarial term."""
 
 
 def _weighted_pixel_terms(err_B3HW: torch.Tensor, w_B1HW: torch.Tensor, recipe: TokenizerRecipe,
@@ -249,7 +273,10 @@ def _weighted_pixel_terms(err_B3HW: torch.Tensor, w_B1HW: torch.Tensor, recipe: 
             + recipe.l1_weight * (err_B3HW.abs() * w_B1HW).mean(dims))
 
 
-def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe) -> tuple[torch.Tensor, dict]:
+def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe,
+          adversary: Adversary | None = None) -> tuple[torch.Tensor, dict]:
+    """The main phase's loss and its logged terms; with ``adversary`` (past ``adv_start``) the adversarial
+    term is added and the detached reconstructions are returned as ``"recon"`` for the discriminator's step."""
     recon_B3HW, hits_SV, vq_loss = model(x_B3HW)
     l2w, l1w = recipe.l2_weight, recipe.l1_weight
 
@@ -263,6 +290,10 @@ def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe)
     pixel = pixel_B.mean() if pixel_B is not None else l2w * l2 + l1w * l1
     loss = pixel + recipe.vq_weight * vq_loss
     out: dict[str, Any] = {"hits_SV": hits_SV}
+    if adversary is not None:
+        adv_term, adv_logs = adversary.generator_term(recon_B3HW, pixel, model.decoder.conv_out.weight)
+        loss = loss + adv_term
+        out |= adv_logs | {"recon": recon_B3HW.detach()}
     with torch.no_grad():
         out["psnr"] = float(psnr(recon_B3HW.detach(), x_B3HW).mean())
         if recipe.train.replay_fraction > 0:  # the replay score: each image's own pixel loss
@@ -336,6 +367,11 @@ def _replay_state(replay: ReplaySampler | None) -> dict[str, Any] | None:
     return replay.state_dict() if replay is not None else None
 
 
+def _adversary_state(adversary: Adversary | None, st: _State) -> dict[str, Any] | None:
+    """What to checkpoint of the discriminator: its live state, or what the run loaded (finetuning only)."""
+    return adversary.state_dict() if adversary is not None else st.adversary
+
+
 def _replay_entry(replay: ReplaySampler | None) -> dict[str, Any]:
     return {"replay": replay.state_dict()} if replay is not None else {}
 
@@ -350,7 +386,7 @@ def _checkpoint(out_dir: Path, model: MultiScaleVQVAE, opt, sched, st: _State, r
             "step": st.step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": rng_state(), "window_hits_V": st.window_hits_V, "train_seconds": st.train_seconds,
             "restarted": st.restarted, "history": st.history, "seed": seed, "replay": st.replay,
-            "finetune": st.finetune, "recipe": dataclasses.asdict(recipe),
+            "finetune": st.finetune, "adversary": st.adversary, "recipe": dataclasses.asdict(recipe),
         },
     )
 
@@ -384,7 +420,7 @@ def _setup(
             st = _State(step=trainer["step"], window_hits_V=trainer["window_hits_V"],
                         train_seconds=trainer["train_seconds"], restarted=trainer["restarted"],
                         history=trainer["history"], replay=trainer.get("replay"),
-                        finetune=trainer.get("finetune"))
+                        finetune=trainer.get("finetune"), adversary=trainer.get("adversary"))
         logger.info("resumed from %s at step %d", src, st.step)
     model.train()
     return model, opt, sched, st
@@ -492,6 +528,8 @@ def train_tokenizer(
     finetune_steps: int | None = None,
     finetune_replay_fraction: float | None = None,
     init_from: str | Path | None = None,
+    adv_weight: float | None = None,
+    adv_start: int | None = None,
 ) -> dict[str, Any]:
     """Train the preset's multi-scale VQ-VAE on the images of ``data_dir`` and checkpoint it to ``out_dir``.
 
@@ -519,9 +557,13 @@ def train_tokenizer(
             holds none; ``out_dir`` gets its own copy and ``init_from`` is never written. The recipe uses
             it to finetune the decoder of a finished main phase (run with ``finetune_steps=0``) in another
             folder, while the main phase's codes already feed the visual decoder's pretraining.
+        adv_weight: weight of the adversarial (VQGAN) term of the main phase (default: the recipe's
+            :attr:`TokenizerRecipe.adv_weight`, 0 = off); see :mod:`vargpt.training.adversarial`.
+        adv_start: main-phase step from which the adversarial term counts (default: the recipe's).
 
     Raises:
-        ConfigError: ``finetune_steps`` is negative, or positive for a recipe without finetuning.
+        ConfigError: ``finetune_steps`` is negative, or positive for a recipe without finetuning; ``adv_weight``
+            or ``adv_start`` is negative.
         CheckpointError: ``init_from`` is not a checkpoint.
         DatasetError: ``data_dir`` is missing, holds no training images, or a record or image is invalid.
 
@@ -547,6 +589,11 @@ def train_tokenizer(
         finetune = (None if finetune_steps == 0
                     else dataclasses.replace(recipe.finetune, max_steps=finetune_steps))
         recipe = dataclasses.replace(recipe, finetune=finetune)
+    for name, value in (("adv_weight", adv_weight), ("adv_start", adv_start)):
+        if value is not None:
+            if value < 0:
+                raise ConfigError(f"{name}={value}: must be >= 0")
+            recipe = dataclasses.replace(recipe, **{name: value})
     if finetune_replay_fraction is not None and recipe.finetune is not None:
         recipe = dataclasses.replace(recipe, finetune=dataclasses.replace(
             recipe.finetune, replay_fraction=finetune_replay_fraction))
@@ -567,6 +614,13 @@ def train_tokenizer(
             replay.load_state_dict(st.replay)
     test_N3HW = split_images(data_dir, "test", model.cfg.image_size)
     load_seconds = time.perf_counter() - t0
+    adversary = None
+    if recipe.adv_weight > 0:
+        adversary = Adversary(weight=recipe.adv_weight, adaptive=recipe.adv_adaptive,
+                              channels=recipe.adv_disc_channels, num_layers=recipe.adv_disc_layers,
+                              lr=recipe.adv_disc_lr or tc.lr, seed=seed + 104_729)
+        if st.adversary is not None:
+            adversary.load_state_dict(st.adversary)
     logger.info("loaded %d train images (%d px) in %.1fs", train_N3HW.shape[0], model.cfg.image_size,
                 load_seconds)
 
@@ -580,7 +634,9 @@ def train_tokenizer(
         x = train_N3HW[idx].contiguous(memory_format=torch.channels_last)
         if st.step == 0 and recipe.data_init:
             _restart_dead_codes(model, opt, torch.ones(model.cfg.vocab_size, dtype=torch.bool), x, seed, -1)
-        loss, last = _loss(model, x, recipe)
+        adv_on = adversary is not None and st.step >= recipe.adv_start
+        loss, last = _loss(model, x, recipe, adversary if adv_on else None)
+        recon = last.pop("recon", None)
         if replay is not None:
             replay.update(idx, last.pop("per_image"))
         if math.isnan(initial_loss):
@@ -591,15 +647,19 @@ def train_tokenizer(
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
+        if recon is not None:  # the discriminator learns from this step's reconstructions
+            last["d_loss"] = adversary.discriminator_step(x, recon)
         _maybe_restart(model, opt, st, last["hits_SV"], x, recipe, tc.max_steps, seed)
         st.step += 1
         elapsed = st.train_seconds + time.perf_counter() - t_start
         usage, _ = usage_fraction(last["hits_SV"])
         bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{usage:.2f}")
+        bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{usage:.2f}",
+                        **({"d_loss": f"{last['d_loss']:.3f}"} if "d_loss" in last else {}))
         if tc.save_every and st.step % tc.save_every == 0 and st.step < tc.max_steps:
             st.history.append({k: v for k, v in last.items() if k != "hits_SV"} | {"step": st.step})
-            snapshot = dataclasses.replace(st, train_seconds=elapsed, replay=_replay_state(replay))
+            snapshot = dataclasses.replace(st, train_seconds=elapsed, replay=_replay_state(replay),
+                                           adversary=_adversary_state(adversary, st))
             _checkpoint(out, model, opt, sched, snapshot, recipe, seed)
         if time_budget_s is not None and elapsed >= time_budget_s:
             logger.info("time budget of %.0fs reached at step %d", time_budget_s, st.step)
@@ -609,6 +669,7 @@ def train_tokenizer(
     st.train_seconds += loop_seconds
     steps_run = st.step - start_step
     st.replay = _replay_state(replay)
+    st.adversary = _adversary_state(adversary, st)
     _checkpoint(out, model, opt, sched, st, recipe, seed)
     ft = recipe.finetune
     budget_left = time_budget_s is None or st.train_seconds < time_budget_s
@@ -637,6 +698,10 @@ def train_tokenizer(
         "eval_images": ev["images"],
         "codes_restarted": st.restarted,
         "edge_weight": recipe.edge_weight,
+        "adversarial": None if adversary is None else {
+            "weight": recipe.adv_weight, "start": recipe.adv_start, "adaptive": recipe.adv_adaptive,
+            **{k: round(last[k], 5) for k in ("d_loss", "g_loss", "adv_weight") if k in last},
+        },
         "finetune": None if fs is None else {
             "steps": fs["step"], "batch_size": ft.batch_size if ft else None,
             "train_seconds": round(fs["seconds"], 2), "initial_loss": round(fs["initial_loss"], 5),

@@ -289,3 +289,58 @@ def test_a_dataset_without_training_images_is_a_dataset_error(folder, tmp_path):
     assert split_images(folder, "test", 32) is None
     m = train_tokenizer(data_dir=folder, out_dir=out, max_steps=2, batch_size=4, progress=False, finetune_steps=0)
     assert m["eval_split"] == "train"
+
+
+def test_adversarial_term_trains_a_discriminator_and_resumes_exactly(folder, tmp_path):
+    """adv_weight > 0: from adv_start on, a discriminator trains beside the tokenizer; its state lives in the
+    trainer state (not in the VQ-VAE's weights), and an interrupted run resumes to the same weights."""
+    torch.set_num_threads(1)
+    kw = dict(data_dir=folder, max_steps=5, batch_size=4, progress=False, finetune_steps=0, adv_weight=0.5,
+              adv_start=2)
+    plain = train_tokenizer(data_dir=folder, out_dir=tmp_path / "plain", max_steps=5, batch_size=4, progress=False,
+                            finetune_steps=0)
+    straight = train_tokenizer(out_dir=tmp_path / "straight", **kw)
+    assert plain["adversarial"] is None and load_checkpoint(tmp_path / "plain")[2]["adversary"] is None
+    adv = straight["adversarial"]
+    assert adv["weight"] == 0.5 and adv["start"] == 2 and adv["adaptive"]
+    assert adv["d_loss"] >= 0 and adv["adv_weight"] > 0 and "g_loss" in adv
+    a_state, _, a_trainer = load_checkpoint(tmp_path / "straight")
+    p_state = load_checkpoint(tmp_path / "plain")[0]
+    assert set(a_state) == set(p_state)  # the VQ-VAE's state dict is unchanged by the option
+    disc = a_trainer["adversary"]["disc"]
+    assert disc and all(torch.isfinite(v).all() for v in disc.values())
+    # Steps 0 and 1 are before adv_start: the same weights as the plain run would give after two steps.
+    two = tmp_path / "two"
+    train_tokenizer(out_dir=two, **(kw | dict(max_steps=2)))
+    two_plain = tmp_path / "two_plain"
+    train_tokenizer(data_dir=folder, out_dir=two_plain, max_steps=2, batch_size=4, progress=False, finetune_steps=0)
+    # (the cosine schedule depends on max_steps, so compare the two 2-step runs with each other)
+    for k, v in load_checkpoint(two_plain)[0].items():
+        torch.testing.assert_close(load_checkpoint(two)[0][k], v, rtol=0, atol=0, msg=k)
+    assert load_checkpoint(two)[2]["adversary"]["optimizer"]["state"] == {}  # not trained before adv_start
+    # Interrupted after steps 1, 2 and 3 (a budget already spent stops a run after one step), then finished.
+    split = tmp_path / "split"
+    assert train_tokenizer(out_dir=split, **kw, time_budget_s=0)["steps"] == 1
+    for step in (2, 3):  # the last interruption falls after the term switched on
+        spent = load_checkpoint(split)[2]["train_seconds"]
+        assert train_tokenizer(out_dir=split, **kw, resume=True, time_budget_s=spent)["steps"] == step
+    assert load_checkpoint(split)[2]["adversary"]["optimizer"]["state"]  # the discriminator has trained
+    done = train_tokenizer(out_dir=split, **kw, resume=True)
+    assert done["steps"] == 5 and not done["stopped_early"]
+    b_state, _, b_trainer = load_checkpoint(split)
+    for k, v in a_state.items():
+        torch.testing.assert_close(b_state[k], v, rtol=0, atol=1e-6, msg=k)
+    for k, v in disc.items():
+        torch.testing.assert_close(b_trainer["adversary"]["disc"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_bad_adversarial_values_are_config_errors(folder, tmp_path):
+    with pytest.raises(ConfigError, match="adv_weight=-1"):
+        train_tokenizer(data_dir=folder, out_dir=tmp_path / "a", max_steps=1, progress=False, adv_weight=-1)
+    with pytest.raises(ConfigError, match="adv_start=-3"):
+        train_tokenizer(data_dir=folder, out_dir=tmp_path / "b", max_steps=1, progress=False, adv_start=-3)
+    with pytest.raises(ValueError, match="adv_disc_layers=0"):
+        dataclasses.replace(RECIPES["tiny"], adv_disc_layers=0)
+    with pytest.raises(ValueError, match="adv_disc_lr=0"):
+        dataclasses.replace(RECIPES["tiny"], adv_disc_lr=0.0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
