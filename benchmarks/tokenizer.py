@@ -71,6 +71,10 @@ def main() -> None:
                     help="weight of the adversarial (VQGAN) term of the main phase (default: the recipe's; 0 = off)")
     ap.add_argument("--adv-start", type=int, default=None,
                     help="main-phase step from which the adversarial term counts (default: the recipe's)")
+    ap.add_argument("--perceptual-weight", type=float, default=None,
+                    help="weight of the perceptual distance (default: the recipe's; needs --perceptual-model)")
+    ap.add_argument("--perceptual-model", type=Path, default=None,
+                    help="local folder of a transformers vision model for the perceptual distance")
     ap.add_argument("--tokenizer", type=Path, default=None, help="evaluate this checkpoint (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,7 +99,8 @@ def main() -> None:
                                   time_budget_s=args.time_budget, replay_fraction=args.replay_fraction,
                                   edge_weight=args.edge_weight, finetune_steps=args.finetune_steps,
                                   finetune_replay_fraction=args.finetune_replay_fraction,
-                                  adv_weight=args.adv_weight, adv_start=args.adv_start)
+                                  adv_weight=args.adv_weight, adv_start=args.adv_start,
+                                  perceptual_weight=args.perceptual_weight, perceptual_model=args.perceptual_model)
         model = MultiScaleVQVAE.from_pretrained(out)
         result = {
             "psnr": metrics["psnr"],
@@ -113,6 +118,7 @@ def main() -> None:
             "finetune_replay_fraction": args.finetune_replay_fraction,
             "edge_weight": metrics["edge_weight"],
             "adversarial": metrics["adversarial"],
+            "perceptual": metrics["perceptual"],
             "finetune": metrics["finetune"],
             "vqvae": {k: v for k, v in vars(model.cfg).items()},
             "data_seconds": round(gen_seconds + metrics["load_seconds"], 2),

@@ -93,7 +93,8 @@ def _train(a: argparse.Namespace) -> None:
 
         result = train_tokenizer(data_dir=a.data, out_dir=a.out, max_steps=a.steps, resume=a.resume, seed=a.seed,
                                  finetune_steps=a.finetune_steps, init_from=a.from_dir, adv_weight=a.adv_weight,
-                                 adv_start=a.adv_start, **common)
+                                 adv_start=a.adv_start, perceptual_weight=a.perceptual_weight,
+                                 perceptual_model=a.perceptual_model, **common)
     elif what == "decoder":
         from vargpt.training.decoder_trainer import train_decoder
 
@@ -178,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the recipe's, 0 = off)")
     s.add_argument("--adv-start", type=int, default=None,
                    help="tokenizer: main-phase step from which the adversarial term counts (default: the recipe's)")
+    s.add_argument("--perceptual-weight", type=float, default=None,
+                   help="tokenizer: weight of a perceptual distance on a local vision model's features (default: the "
+                        "recipe's, 0 = off); needs --perceptual-model")
+    s.add_argument("--perceptual-model", type=Path, default=None,
+                   help="tokenizer: local folder of a transformers vision model (ResNet, ConvNeXt, DINOv2, CLIP, ...) "
+                        "for the perceptual distance; nothing is downloaded")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")

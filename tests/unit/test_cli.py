@@ -44,14 +44,16 @@ def test_train_tokenizer_from_a_missing_checkpoint_is_a_clear_error(tmp_path, ca
     assert "init_from" in err and "not a tokenizer checkpoint" in err and "Traceback" not in err
 
 
-def test_train_tokenizer_adversarial_flags_reach_the_trainer(tmp_path, capsys, monkeypatch):
+def test_train_tokenizer_loss_flags_reach_the_trainer(tmp_path, capsys, monkeypatch):
     import vargpt.training.tokenizer_trainer as tt
 
     seen = {}
     monkeypatch.setattr(tt, "train_tokenizer", lambda **kw: seen.update(kw) or {"steps": 0})
     assert main(["train", "tokenizer", "--out", str(tmp_path / "o"), "--data", str(tmp_path), "--quiet",
-                 "--adv-weight", "0.5", "--adv-start", "100"]) == 0
+                 "--adv-weight", "0.5", "--adv-start", "100", "--perceptual-weight", "0.1",
+                 "--perceptual-model", str(tmp_path / "convnext")]) == 0
     assert seen["adv_weight"] == 0.5 and seen["adv_start"] == 100
+    assert seen["perceptual_weight"] == 0.1 and seen["perceptual_model"] == tmp_path / "convnext"
 
 
 def test_train_tokenizer_negative_adversarial_weight_is_a_clear_error(tmp_path, capsys):
@@ -59,6 +61,16 @@ def test_train_tokenizer_negative_adversarial_weight_is_a_clear_error(tmp_path, 
                  "--adv-weight", "-1"]) == 2
     err = capsys.readouterr().err
     assert "adv_weight=-1" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_train_tokenizer_perceptual_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "tokenizer", "--out", str(tmp_path / "o"), "--data", str(tmp_path),
+                 "--perceptual-weight", "1"]) == 2
+    assert "needs perceptual_model" in capsys.readouterr().err
+    assert main(["train", "tokenizer", "--out", str(tmp_path / "o"), "--data", str(tmp_path),
+                 "--perceptual-weight", "1", "--perceptual-model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no config.json" in err and "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_pipeline_workers_must_be_positive(tmp_path, capsys):

@@ -1,8 +1,9 @@
 """Training of the multi-scale VQ-VAE tokenizer from scratch on any dataset folder.
 
-Loss = image reconstruction (pixel MSE on [-1, 1], optionally + L1; no perceptual term, since no pretrained
-feature network is available offline) + the quantizer loss of SPEC 1.10, optionally + VQGAN's adversarial term
-(a patch discriminator trained beside the tokenizer, :mod:`vargpt.training.adversarial`; off in every preset).
+Loss = image reconstruction (pixel MSE on [-1, 1], optionally + L1, optionally + a perceptual distance on a local
+vision model's features, :mod:`vargpt.training.perceptual`) + the quantizer loss of SPEC 1.10, optionally +
+VQGAN's adversarial term (a patch discriminator trained beside the tokenizer, :mod:`vargpt.training.adversarial`).
+The perceptual and adversarial terms are off in every preset.
 The pixel terms can be weighted by the target's local contrast (:func:`contrast_weights`), so that edges and thin
 strokes, a small share of the pixels, get a larger share of the loss. Against codebook collapse the
 codebook is initialised from encoder residuals of the first batch and codes left unused for
@@ -46,6 +47,7 @@ from vargpt.training.checkpoint import (
 )
 from vargpt.training.loop import ReplaySampler
 from vargpt.training.optim import build_optimizer, build_scheduler
+from vargpt.training.perceptual import PerceptualLoss
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +97,16 @@ class TokenizerRecipe:
     """Stride-2 layers of the discriminator (3: 70 px patches)."""
     adv_disc_lr: float | None = None
     """The discriminator's (constant) learning rate; None = the main phase's peak ``train.lr``."""
+    perceptual_weight: float = 0.0
+    """Weight of the perceptual distance (:class:`~vargpt.training.perceptual.PerceptualLoss`) added to the
+    pixel terms of both phases (0 = off)."""
+    perceptual_model: str | None = None
+    """Local folder of the transformers vision model the perceptual distance is measured with (needed when
+    ``perceptual_weight`` > 0; never downloaded)."""
 
     def __post_init__(self) -> None:
         for name in ("l2_weight", "l1_weight", "vq_weight", "edge_weight", "finetune_edge_weight", "adv_weight",
-                     "adv_start"):
+                     "adv_start", "perceptual_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 0")
         for name in ("adv_disc_channels", "adv_disc_layers"):
@@ -106,6 +114,9 @@ class TokenizerRecipe:
                 raise ValueError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 1")
         if self.adv_disc_lr is not None and self.adv_disc_lr <= 0:
             raise ValueError(f"TokenizerRecipe.adv_disc_lr={self.adv_disc_lr}: must be > 0 (or None)")
+        if self.perceptual_weight > 0 and not self.perceptual_model:
+            raise ConfigError(f"TokenizerRecipe.perceptual_weight={self.perceptual_weight} needs perceptual_model, "
+                              "the local folder of a transformers vision model (nothing is downloaded)")
 
 
 RECIPES: dict[str, TokenizerRecipe] = {
@@ -274,8 +285,9 @@ def _weighted_pixel_terms(err_B3HW: torch.Tensor, w_B1HW: torch.Tensor, recipe: 
 
 
 def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe,
-          adversary: Adversary | None = None) -> tuple[torch.Tensor, dict]:
-    """The main phase's loss and its logged terms; with ``adversary`` (past ``adv_start``) the adversarial
+          adversary: Adversary | None = None, perceptual: PerceptualLoss | None = None) -> tuple[torch.Tensor, dict]:
+    """The main phase's loss and its logged terms. With ``perceptual`` its distance (weighted by
+    ``recipe.perceptual_weight``) joins the pixel terms; with ``adversary`` (past ``adv_start``) the adversarial
     term is added and the detached reconstructions are returned as ``"recon"`` for the discriminator's step."""
     recon_B3HW, hits_SV, vq_loss = model(x_B3HW)
     l2w, l1w = recipe.l2_weight, recipe.l1_weight
@@ -288,38 +300,51 @@ def _loss(model: MultiScaleVQVAE, x_B3HW: torch.Tensor, recipe: TokenizerRecipe,
     pixel_B = per_image(recon_B3HW - x_B3HW) if recipe.edge_weight > 0 else None
     # Unweighted, the loss is the plain means themselves (the same floating-point sums as before the weighting).
     pixel = pixel_B.mean() if pixel_B is not None else l2w * l2 + l1w * l1
-    loss = pixel + recipe.vq_weight * vq_loss
     out: dict[str, Any] = {"hits_SV": hits_SV}
+    perc_B = None
+    if perceptual is not None:  # the reconstruction loss is then pixel + perceptual, as VQGAN's
+        perc_B = perceptual(recon_B3HW, x_B3HW)
+        pixel = pixel + recipe.perceptual_weight * perc_B.mean()
+        out["perceptual"] = float(perc_B.mean().detach())
+    loss = pixel + recipe.vq_weight * vq_loss
     if adversary is not None:
         adv_term, adv_logs = adversary.generator_term(recon_B3HW, pixel, model.decoder.conv_out.weight)
         loss = loss + adv_term
         out |= adv_logs | {"recon": recon_B3HW.detach()}
     with torch.no_grad():
         out["psnr"] = float(psnr(recon_B3HW.detach(), x_B3HW).mean())
-        if recipe.train.replay_fraction > 0:  # the replay score: each image's own pixel loss
+        if recipe.train.replay_fraction > 0:  # the replay score: each image's own reconstruction loss
             out["per_image"] = pixel_B.detach() if pixel_B is not None else per_image(recon_B3HW.detach() - x_B3HW)
+            if perc_B is not None:
+                out["per_image"] = out["per_image"] + recipe.perceptual_weight * perc_B.detach()
     terms = {"loss": loss, "l2": l2, "l1": l1, "vq": vq_loss}
     return loss, {k: float(v.detach()) for k, v in terms.items()} | out
 
 
 def _finetune_loss(recon_B3HW: torch.Tensor, x_B3HW: torch.Tensor, recipe: TokenizerRecipe,
-                   dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """The finetuning's pixel loss: the recipe's L2 + L1 terms, contrast-weighted by ``finetune_edge_weight``
-    (averaged over ``dims``; None = one number, ``(1, 2, 3)`` = one per image)."""
+                   dims: tuple[int, ...] | None = None, perceptual: PerceptualLoss | None = None) -> torch.Tensor:
+    """The finetuning's loss: the recipe's L2 + L1 terms, contrast-weighted by ``finetune_edge_weight``
+    (averaged over ``dims``; None = one number, ``(1, 2, 3)`` = one per image), plus the perceptual distance
+    weighted by ``perceptual_weight`` when ``perceptual`` is given."""
     w_B1HW = contrast_weights(x_B3HW, recipe.finetune_edge_weight)
-    return _weighted_pixel_terms(recon_B3HW - x_B3HW, w_B1HW, recipe, dims)
+    loss = _weighted_pixel_terms(recon_B3HW - x_B3HW, w_B1HW, recipe, dims)
+    if perceptual is not None:
+        perc_B = perceptual(recon_B3HW, x_B3HW)
+        loss = loss + recipe.perceptual_weight * (perc_B if dims is not None else perc_B.mean())
+    return loss
 
 
 @torch.no_grad()
 def _finetune_scores(model: MultiScaleVQVAE, f_NZhw: torch.Tensor, images_N3HW: torch.Tensor,
-                     recipe: TokenizerRecipe, batch_size: int = 64) -> torch.Tensor:
+                     recipe: TokenizerRecipe, batch_size: int = 64,
+                     perceptual: PerceptualLoss | None = None) -> torch.Tensor:
     """Each training image's finetuning loss under the current decoder: the replay's starting scores."""
     was_training = model.training
     model.eval()
     scores = torch.cat([
         _finetune_loss(model.decoder(model.post_quant_conv(f_NZhw[i:i + batch_size])),
                        images_N3HW[i:i + batch_size].contiguous(memory_format=torch.channels_last), recipe,
-                       (1, 2, 3))
+                       (1, 2, 3), perceptual)
         for i in range(0, images_N3HW.shape[0], batch_size)])
     model.train(was_training)
     return scores
@@ -429,6 +454,7 @@ def _setup(
 def _finetune_decoder(
     model: MultiScaleVQVAE, train_N3HW: torch.Tensor, recipe: TokenizerRecipe, st: _State, *, out: Path,
     opt: torch.optim.Optimizer, sched: Any, seed: int, progress: bool, time_budget_s: float | None,
+    perceptual: PerceptualLoss | None = None,
 ) -> None:
     """Second phase (:attr:`TokenizerRecipe.finetune`): train ``post_quant_conv`` + decoder on frozen codes.
 
@@ -468,7 +494,8 @@ def _finetune_decoder(
             if "replay" in fs:
                 replay.load_state_dict(fs["replay"])
             else:
-                replay.update(torch.arange(train_N3HW.shape[0]), _finetune_scores(model, f_NZhw, train_N3HW, recipe))
+                scores = _finetune_scores(model, f_NZhw, train_N3HW, recipe, perceptual=perceptual)
+                replay.update(torch.arange(train_N3HW.shape[0]), scores)
         bar = tqdm(total=ft.max_steps, initial=fs["step"], disable=not progress, desc="tokenizer decoder",
                    dynamic_ncols=True)
         while fs["step"] < ft.max_steps:
@@ -477,11 +504,11 @@ def _finetune_decoder(
             x = train_N3HW[idx].contiguous(memory_format=torch.channels_last)
             recon = model.decoder(model.post_quant_conv(f_NZhw[idx]))
             if replay is not None:
-                loss_B = _finetune_loss(recon, x, recipe, (1, 2, 3))
+                loss_B = _finetune_loss(recon, x, recipe, (1, 2, 3), perceptual)
                 replay.update(idx, loss_B)
                 loss = loss_B.mean()
             else:
-                loss = _finetune_loss(recon, x, recipe)
+                loss = _finetune_loss(recon, x, recipe, perceptual=perceptual)
             ft_opt.zero_grad(set_to_none=True)
             loss.backward()
             if ft.grad_clip > 0:
@@ -530,6 +557,8 @@ def train_tokenizer(
     init_from: str | Path | None = None,
     adv_weight: float | None = None,
     adv_start: int | None = None,
+    perceptual_weight: float | None = None,
+    perceptual_model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the preset's multi-scale VQ-VAE on the images of ``data_dir`` and checkpoint it to ``out_dir``.
 
@@ -560,10 +589,14 @@ def train_tokenizer(
         adv_weight: weight of the adversarial (VQGAN) term of the main phase (default: the recipe's
             :attr:`TokenizerRecipe.adv_weight`, 0 = off); see :mod:`vargpt.training.adversarial`.
         adv_start: main-phase step from which the adversarial term counts (default: the recipe's).
+        perceptual_weight: weight of the perceptual distance in both phases (default: the recipe's, 0 = off).
+        perceptual_model: local folder of the transformers vision model that distance is measured with
+            (:class:`~vargpt.training.perceptual.PerceptualLoss`; default: the recipe's).
 
     Raises:
-        ConfigError: ``finetune_steps`` is negative, or positive for a recipe without finetuning; ``adv_weight``
-            or ``adv_start`` is negative.
+        ConfigError: ``finetune_steps`` is negative, or positive for a recipe without finetuning; ``adv_weight``,
+            ``adv_start`` or ``perceptual_weight`` is negative; a perceptual weight without a perceptual model.
+        CheckpointError: ``perceptual_model`` holds no transformers model.
         CheckpointError: ``init_from`` is not a checkpoint.
         DatasetError: ``data_dir`` is missing, holds no training images, or a record or image is invalid.
 
@@ -589,11 +622,15 @@ def train_tokenizer(
         finetune = (None if finetune_steps == 0
                     else dataclasses.replace(recipe.finetune, max_steps=finetune_steps))
         recipe = dataclasses.replace(recipe, finetune=finetune)
-    for name, value in (("adv_weight", adv_weight), ("adv_start", adv_start)):
+    if perceptual_model is not None:
+        recipe = dataclasses.replace(recipe, perceptual_model=str(perceptual_model))
+    for name, value in (("adv_weight", adv_weight), ("adv_start", adv_start),
+                        ("perceptual_weight", perceptual_weight)):
         if value is not None:
             if value < 0:
                 raise ConfigError(f"{name}={value}: must be >= 0")
             recipe = dataclasses.replace(recipe, **{name: value})
+    perceptual = PerceptualLoss(recipe.perceptual_model) if recipe.perceptual_weight > 0 else None
     if finetune_replay_fraction is not None and recipe.finetune is not None:
         recipe = dataclasses.replace(recipe, finetune=dataclasses.replace(
             recipe.finetune, replay_fraction=finetune_replay_fraction))
@@ -635,7 +672,7 @@ def train_tokenizer(
         if st.step == 0 and recipe.data_init:
             _restart_dead_codes(model, opt, torch.ones(model.cfg.vocab_size, dtype=torch.bool), x, seed, -1)
         adv_on = adversary is not None and st.step >= recipe.adv_start
-        loss, last = _loss(model, x, recipe, adversary if adv_on else None)
+        loss, last = _loss(model, x, recipe, adversary if adv_on else None, perceptual)
         recon = last.pop("recon", None)
         if replay is not None:
             replay.update(idx, last.pop("per_image"))
@@ -675,7 +712,7 @@ def train_tokenizer(
     budget_left = time_budget_s is None or st.train_seconds < time_budget_s
     if ft is not None and st.step >= tc.max_steps and budget_left:
         _finetune_decoder(model, train_N3HW, recipe, st, out=out, opt=opt, sched=sched, seed=seed,
-                          progress=progress, time_budget_s=time_budget_s)
+                          progress=progress, time_budget_s=time_budget_s, perceptual=perceptual)
     fs = st.finetune
     finetune_done = ft is None or (fs is not None and fs["step"] >= ft.max_steps)
 
@@ -698,6 +735,10 @@ def train_tokenizer(
         "eval_images": ev["images"],
         "codes_restarted": st.restarted,
         "edge_weight": recipe.edge_weight,
+        "perceptual": None if perceptual is None else {
+            "weight": recipe.perceptual_weight, "model": recipe.perceptual_model,
+            **({"distance": round(last["perceptual"], 5)} if "perceptual" in last else {}),
+        },
         "adversarial": None if adversary is None else {
             "weight": recipe.adv_weight, "start": recipe.adv_start, "adaptive": recipe.adv_adaptive,
             **{k: round(last[k], 5) for k in ("d_loss", "g_loss", "adv_weight") if k in last},

@@ -344,3 +344,43 @@ def test_bad_adversarial_values_are_config_errors(folder, tmp_path):
     with pytest.raises(ValueError, match="adv_disc_lr=0"):
         dataclasses.replace(RECIPES["tiny"], adv_disc_lr=0.0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_perceptual_term_joins_both_phases(folder, tmp_path, monkeypatch):
+    from transformers import ResNetConfig, ResNetModel
+
+    from vargpt.training import tokenizer_trainer as tt
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    backbone = tmp_path / "resnet"
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                             layer_type="basic")).save_pretrained(str(backbone))
+    calls = []
+    original = tt.PerceptualLoss.forward
+    monkeypatch.setattr(tt.PerceptualLoss, "forward", lambda self, r, t: calls.append(r.shape[0]) or original(
+        self, r, t))
+    m = train_tokenizer(data_dir=folder, out_dir=tmp_path / "tok", max_steps=3, batch_size=4, progress=False,
+                        finetune_steps=2, perceptual_weight=0.5, perceptual_model=backbone)
+    assert calls == [4, 4, 4] + [RECIPES["tiny"].finetune.batch_size] * 2  # every step of both phases
+    assert m["perceptual"]["weight"] == 0.5 and m["perceptual"]["model"] == str(backbone)
+    assert m["perceptual"]["distance"] > 0
+    # The logged loss is pixel + 0.5 * perceptual + vq.
+    t = m["train_loss"]
+    assert t["loss"] == pytest.approx(t["l2"] + 0.5 * t["perceptual"] + t["vq"], rel=1e-4)
+    saved = load_checkpoint(tmp_path / "tok")[2]["recipe"]
+    assert saved["perceptual_weight"] == 0.5 and saved["perceptual_model"] == str(backbone)
+
+
+def test_bad_perceptual_settings_fail_before_anything_is_written(folder, tmp_path):
+    from vargpt.training.checkpoint import CheckpointError
+
+    with pytest.raises(ConfigError, match="needs perceptual_model"):
+        train_tokenizer(data_dir=folder, out_dir=tmp_path / "a", max_steps=1, progress=False, perceptual_weight=1.0)
+    with pytest.raises(ConfigError, match="perceptual_weight=-1"):
+        train_tokenizer(data_dir=folder, out_dir=tmp_path / "a", max_steps=1, progress=False, perceptual_weight=-1,
+                        perceptual_model=tmp_path)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        train_tokenizer(data_dir=folder, out_dir=tmp_path / "a", max_steps=1, progress=False, perceptual_weight=1.0,
+                        perceptual_model=tmp_path / "nowhere")
+    assert not (tmp_path / "a").exists()
