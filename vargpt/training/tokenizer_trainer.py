@@ -596,8 +596,7 @@ def train_tokenizer(
     Raises:
         ConfigError: ``finetune_steps`` is negative, or positive for a recipe without finetuning; ``adv_weight``,
             ``adv_start`` or ``perceptual_weight`` is negative; a perceptual weight without a perceptual model.
-        CheckpointError: ``perceptual_model`` holds no transformers model.
-        CheckpointError: ``init_from`` is not a checkpoint.
+        CheckpointError: ``init_from`` is not a checkpoint, or ``perceptual_model`` holds no transformers model.
         DatasetError: ``data_dir`` is missing, holds no training images, or a record or image is invalid.
 
     Returns:
