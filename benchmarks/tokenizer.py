@@ -6,7 +6,9 @@ Reported: held-out reconstruction ``psnr`` (dB), ``codebook_usage`` (fraction of
 held-out images, overall and per scale), ``oracle_accuracy`` (ShapesWorld oracle colour+shape accuracy
 on the *reconstructions* of held-out one-object images, against the record metadata; the same oracle on
 the original images is ``oracle_accuracy_original``), ``psnr_by_scales`` (held-out PSNR of decoding the
-running f_hat after each scale: where the image's information sits), ``train_seconds`` (optimisation loops
+running f_hat after each scale: where the image's information sits), ``shape_probe`` (a probe's shape accuracy
+on small one-object images from the latent before and after quantization: shape the codes lost, which no decoder
+can draw back; ``vargpt.evaluation.tokenizer.shape_probe_scores``), ``train_seconds`` (optimisation loops
 only: the main phase plus the decoder finetuning, whose own numbers are under ``finetune``) and the thread
 count. ``--tokenizer DIR`` evaluates an existing checkpoint instead of training.
 """
@@ -23,7 +25,7 @@ import torch
 
 from vargpt.data.records import image_to_tensor, load_image, load_records, unique_images
 from vargpt.data.shapesworld.generate import load_world, write_dataset
-from vargpt.evaluation.tokenizer import psnr_by_scales, tokenizer_oracle_scores
+from vargpt.evaluation.tokenizer import psnr_by_scales, shape_probe_scores, tokenizer_oracle_scores
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE
 from vargpt.training.tokenizer_trainer import train_tokenizer
 
@@ -38,6 +40,11 @@ def oracle_scores(model: MultiScaleVQVAE, data_dir: Path, limit: int) -> dict:
         "oracle_accuracy_original": scores["tokenizer_oracle_original"],
         "oracle_images": scores["tokenizer_oracle_n"],
     }
+
+
+def shape_probe(model: MultiScaleVQVAE, data_dir: Path) -> dict:
+    """Small-object shape read by a probe from the latent before / after quantization (``shape_probe_scores``)."""
+    return shape_probe_scores(model.eval(), load_records(data_dir, "train"), load_records(data_dir, "test"))
 
 
 def _psnr_by_scales(model: MultiScaleVQVAE, data_dir: Path, limit: int) -> list[float]:
@@ -91,6 +98,7 @@ def main() -> None:
             model = MultiScaleVQVAE.from_pretrained(args.tokenizer).eval()
             print(json.dumps({**oracle_scores(model, data, args.oracle_images),
                               "psnr_by_scales": _psnr_by_scales(model, data, args.oracle_images),
+                              "shape_probe": shape_probe(model, data),
                               "patch_nums": list(model.cfg.patch_nums), "threads": args.threads}))
             return
         out = args.out or Path(tmp) / "tokenizer"
@@ -107,6 +115,7 @@ def main() -> None:
             "codebook_usage": metrics["codebook_usage"],
             **oracle_scores(model, data, args.oracle_images),
             "psnr_by_scales": _psnr_by_scales(model, data, args.oracle_images),
+            "shape_probe": shape_probe(model, data),
             "train_seconds": metrics["train_seconds"],
             "threads": args.threads,
             "steps": metrics["steps"],
