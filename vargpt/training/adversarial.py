@@ -72,7 +72,7 @@ class PatchDiscriminator(nn.Module):
                     m.bias.zero_()
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        """Patch logits (B, 1, h, w); h = H / 2^(num_layers) - 2 (at least 1 for H >= 2^(num_layers+1))."""
+        """Patch logits (B, 1, h, w); h = H / 2^(num_layers) - 2, so H must be at least 3 * 2^num_layers."""
         return self.main(x_B3HW)
 
 

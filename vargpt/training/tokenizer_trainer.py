@@ -652,6 +652,10 @@ def train_tokenizer(
     load_seconds = time.perf_counter() - t0
     adversary = None
     if recipe.adv_weight > 0:
+        if model.cfg.image_size < 3 * 2 ** recipe.adv_disc_layers:
+            raise ConfigError(f"adv_disc_layers={recipe.adv_disc_layers} needs images of at least "
+                              f"{3 * 2 ** recipe.adv_disc_layers} px; this tokenizer's are {model.cfg.image_size} "
+                              "px: use fewer discriminator layers")
         adversary = Adversary(weight=recipe.adv_weight, adaptive=recipe.adv_adaptive,
                               channels=recipe.adv_disc_channels, num_layers=recipe.adv_disc_layers,
                               lr=recipe.adv_disc_lr or tc.lr, seed=seed + 104_729)

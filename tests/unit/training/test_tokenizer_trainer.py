@@ -334,7 +334,7 @@ def test_adversarial_term_trains_a_discriminator_and_resumes_exactly(folder, tmp
         torch.testing.assert_close(b_trainer["adversary"]["disc"][k], v, rtol=0, atol=1e-6, msg=k)
 
 
-def test_bad_adversarial_values_are_config_errors(folder, tmp_path):
+def test_bad_adversarial_values_are_config_errors(folder, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="adv_weight=-1"):
         train_tokenizer(data_dir=folder, out_dir=tmp_path / "a", max_steps=1, progress=False, adv_weight=-1)
     with pytest.raises(ConfigError, match="adv_start=-3"):
@@ -343,6 +343,11 @@ def test_bad_adversarial_values_are_config_errors(folder, tmp_path):
         dataclasses.replace(RECIPES["tiny"], adv_disc_layers=0)
     with pytest.raises(ValueError, match="adv_disc_lr=0"):
         dataclasses.replace(RECIPES["tiny"], adv_disc_lr=0.0)
+    deep = dataclasses.replace(RECIPES["tiny"], adv_weight=1.0, adv_disc_layers=4)  # 48 px patches > 32 px images
+    monkeypatch.setitem(RECIPES, "tiny", deep)
+    with pytest.raises(ConfigError, match="adv_disc_layers=4 needs images of at least 48 px"):
+        train_tokenizer(data_dir=folder, out_dir=tmp_path / "c", max_steps=1, progress=False)
+    assert not (tmp_path / "c").exists()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
