@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vargpt.config import ConfigError
 from vargpt.training.checkpoint import CheckpointError
 
 __all__ = ["PerceptualLoss"]
@@ -40,9 +41,12 @@ def _load_backbone(path: Path) -> nn.Module:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"perceptual model {path}: no config.json there (a transformers vision model saved "
                               "with save_pretrained is expected; nothing is downloaded)")
-    model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
-    cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}.get(model_type, AutoModel)
-    model = cls.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    try:
+        model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
+        cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}.get(model_type, AutoModel)
+        model = cls.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:  # unknown model type, missing or broken weights
+        raise CheckpointError(f"perceptual model {path}: transformers cannot load it ({type(e).__name__}: {e})") from e
     return model.eval().requires_grad_(False)
 
 
@@ -75,7 +79,7 @@ class PerceptualLoss(nn.Module):
 
     Raises:
         CheckpointError: ``model_dir`` holds no transformers model.
-        ValueError: a layer index is out of range for the model.
+        ConfigError: the model is no vision model giving ``hidden_states``, or a layer index is out of range.
     """
 
     def __init__(self, model_dir: str | Path, *, layers: Sequence[int] | None = None,
@@ -89,12 +93,19 @@ class PerceptualLoss(nn.Module):
         cfg = self.backbone.config
         self.image_size = image_size if image_size is not None else getattr(cfg, "image_size", None)
         probe_size = self.image_size or 32
-        with torch.no_grad():
-            n = len(self._hidden(torch.zeros(1, 3, probe_size, probe_size)))
+        try:
+            with torch.no_grad():
+                hidden = self._hidden(torch.zeros(1, 3, probe_size, probe_size))
+        except (TypeError, ValueError, RuntimeError) as e:  # not an image model taking pixel_values
+            raise ConfigError(f"perceptual model {path}: a vision model is expected, whose forward takes "
+                             f"pixel_values and returns hidden_states ({type(e).__name__}: {e})") from e
+        if not hidden:
+            raise ConfigError(f"perceptual model {path} returns no hidden_states")
+        n = len(hidden)
         self.layers = tuple(range(1, n)) if layers is None else tuple(layers)
         bad = [i for i in self.layers if not -n <= i < n]
         if bad or not self.layers:
-            raise ValueError(f"perceptual layers {list(self.layers)}: the model at {path} has {n} hidden states "
+            raise ConfigError(f"perceptual layers {list(self.layers)}: the model at {path} has {n} hidden states "
                              f"(indices 0..{n - 1})")
 
     def train(self, mode: bool = True) -> PerceptualLoss:

@@ -74,3 +74,15 @@ def test_layers_choose_the_hidden_states(resnet_dir):
 def test_a_folder_without_a_model_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         PerceptualLoss(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "resnet"}))  # no weights next to it
+    with pytest.raises(CheckpointError, match="transformers cannot load it"):
+        PerceptualLoss(tmp_path)
+
+
+def test_a_text_model_is_refused_clearly(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="a vision model is expected"):
+        PerceptualLoss(tmp_path)
