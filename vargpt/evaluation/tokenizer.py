@@ -163,13 +163,12 @@ def shape_probe_scores(vqvae: Any, train_records: Sequence[Any], test_records: S
         return [(p, o["shape"]) for p, o in one_object_images(records)
                 if "shape" in o and (size is None or o.get("size") == size)]
 
-    train, test = items(train_records), items(test_records)
+    train = items(train_records)
     shapes = sorted({s for _, s in train})
+    test = [(p, s) for p, s in items(test_records) if s in shapes]
     out: dict[str, Any] = {"probe_latent": None, "probe_quantized": None, "probe_latent_per_shape": {},
                            "probe_quantized_per_shape": {}, "probe_shapes": shapes, "probe_train_n": len(train),
                            "probe_test_n": len(test), "probe_size": size}
-    test = [(p, s) for p, s in test if s in shapes]
-    out["probe_test_n"] = len(test)
     if len(shapes) < 2 or not test:
         return out
     img_size = vqvae.cfg.image_size
@@ -180,7 +179,7 @@ def shape_probe_scores(vqvae: Any, train_records: Sequence[Any], test_records: S
             x = torch.stack([image_to_tensor(load_image(p, img_size)) for p, _ in chunk[i:i + batch_size]])
             f = vqvae.encode_f(x)
             fs.append(f)
-            fhats.append(vqvae.quantize.idx_to_fhat(vqvae.quantize.f_to_idx(f)))
+            fhats.append(vqvae.quantize.f_to_idx_and_fhat(f)[1][-1])  # the last partial f_hat is f_hat
         return torch.cat(fs), torch.cat(fhats)
 
     f_train, fhat_train = latents(train)

@@ -129,7 +129,7 @@ class Adversary:
             gen = generator_loss(self.disc(recon_B3HW))
         finally:
             self.disc.requires_grad_(True)
-        w = self.weight * (adaptive_weight(rec_loss, gen, last_weight) if self.adaptive else torch.ones(()))
+        w = self.weight * adaptive_weight(rec_loss, gen, last_weight) if self.adaptive else self.weight
         return w * gen, {"g_loss": float(gen.detach()), "adv_weight": float(w)}
 
     def discriminator_step(self, real_B3HW: torch.Tensor, fake_B3HW: torch.Tensor) -> float:

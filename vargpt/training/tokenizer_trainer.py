@@ -108,7 +108,7 @@ class TokenizerRecipe:
         for name in ("l2_weight", "l1_weight", "vq_weight", "edge_weight", "finetune_edge_weight", "adv_weight",
                      "adv_start", "perceptual_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 0")
+                raise ConfigError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 0")
         for name in ("adv_disc_channels", "adv_disc_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 1")
@@ -625,9 +625,7 @@ def train_tokenizer(
         recipe = dataclasses.replace(recipe, perceptual_model=str(perceptual_model))
     for name, value in (("adv_weight", adv_weight), ("adv_start", adv_start),
                         ("perceptual_weight", perceptual_weight)):
-        if value is not None:
-            if value < 0:
-                raise ConfigError(f"{name}={value}: must be >= 0")
+        if value is not None:  # TokenizerRecipe refuses a negative one with a ConfigError
             recipe = dataclasses.replace(recipe, **{name: value})
     perceptual = PerceptualLoss(recipe.perceptual_model) if recipe.perceptual_weight > 0 else None
     if finetune_replay_fraction is not None and recipe.finetune is not None:

@@ -62,7 +62,7 @@ class _ProbeStandIn:
 
     def __init__(self, keep: bool) -> None:
         self.cfg = SimpleNamespace(image_size=32)
-        self.quantize = SimpleNamespace(f_to_idx=lambda f: f, idx_to_fhat=(lambda f: f) if keep else torch.zeros_like)
+        self.quantize = SimpleNamespace(f_to_idx_and_fhat=lambda f: (None, [f if keep else torch.zeros_like(f)]))
 
     def encode_f(self, x):
         return torch.nn.functional.pixel_unshuffle(x, 4)
