@@ -4,6 +4,14 @@ AdamW with two parameter groups (VAR's rule, SPEC section 5): no weight decay on
 (norms, biases, scales) and on embeddings of positions/levels/start tokens; decay on matrices.
 Schedule: linear warm-up over ``warmup_ratio`` of the steps, then cosine/linear decay to
 ``min_lr_ratio`` x peak, or constant.
+
+The update runs in torch's fused AdamW kernel wherever it supports the parameters (CPU and CUDA floating
+point): on CPU torch's default is a Python loop over the parameter tensors, a few element-wise ops each, and
+the tiny models have 40-140 small tensors. Measured (``python benchmarks/optimizer.py``, 2 threads): one
+update of the tiny VQ-VAE's 141 tensors 5.0 -> 1.3 ms (its whole training step of 16 images 120.4 -> 115.2 ms),
+the visual decoder's 3.3 -> 0.9 ms, the LLM's 4.3 -> 1.1 ms. The fused kernel computes the same update in
+another order (parameters within ~1e-8 of the loop's after ten steps), so runs are a new floating-point sample of
+the recipe, not its old digits.
 """
 
 from __future__ import annotations
@@ -47,7 +55,14 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg:
     groups = param_groups(named_params, cfg.weight_decay)
     if not groups:
         raise ValueError(f"{cfg.name}: no trainable parameters (check TrainConfig.trainable={cfg.trainable})")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=fused_supported(groups))
+
+
+def fused_supported(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW kernel takes every parameter of ``groups``: floating point (not complex),
+    on CPU or CUDA (torch raises for anything else, e.g. MPS before its kernel or a meta tensor)."""
+    params = [p for g in groups for p in g["params"]]
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
