@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vargpt.training.optim import fused_supported
+
 __all__ = ["Adversary", "PatchDiscriminator", "adaptive_weight", "generator_loss", "hinge_d_loss"]
 
 _MAX_ADAPTIVE_WEIGHT = 1e4
@@ -116,7 +118,8 @@ class Adversary:
             self.disc = PatchDiscriminator(channels=channels, num_layers=num_layers,
                                            generator=torch.Generator().manual_seed(seed))
         self.disc.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.9))
+        params = list(self.disc.parameters())
+        self.opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), fused=fused_supported([{"params": params}]))
 
     def generator_term(self, recon_B3HW: torch.Tensor, rec_loss: torch.Tensor,
                        last_weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
