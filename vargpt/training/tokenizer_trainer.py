@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vargpt.config import ConfigError, TrainConfig, VARGPTConfig, VQVAEConfig
+from vargpt.config import ConfigError, TrainConfig, VARGPTConfig, VQVAEConfig, _fail, _positive
 from vargpt.data.records import DatasetError, image_to_tensor, load_image, load_records, unique_images
 from vargpt.tokenizer.quantizer import usage_fraction
 from vargpt.tokenizer.vqvae import MultiScaleVQVAE, vqvae_config_from_dict
@@ -109,11 +109,9 @@ class TokenizerRecipe:
                      "adv_start", "perceptual_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 0")
-        for name in ("adv_disc_channels", "adv_disc_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TokenizerRecipe.{name}={getattr(self, name)}: must be >= 1")
+        _positive(self, "adv_disc_channels", "adv_disc_layers")
         if self.adv_disc_lr is not None and self.adv_disc_lr <= 0:
-            raise ValueError(f"TokenizerRecipe.adv_disc_lr={self.adv_disc_lr}: must be > 0 (or None)")
+            _fail(self, "adv_disc_lr", self.adv_disc_lr, "must be > 0 (or None)")
         if self.perceptual_weight > 0 and not self.perceptual_model:
             raise ConfigError(f"TokenizerRecipe.perceptual_weight={self.perceptual_weight} needs perceptual_model, "
                               "the local folder of a transformers vision model (nothing is downloaded)")

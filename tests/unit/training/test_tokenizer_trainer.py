@@ -339,9 +339,9 @@ def test_bad_adversarial_values_are_config_errors(folder, tmp_path, monkeypatch)
         train_tokenizer(data_dir=folder, out_dir=tmp_path / "a", max_steps=1, progress=False, adv_weight=-1)
     with pytest.raises(ConfigError, match="adv_start=-3"):
         train_tokenizer(data_dir=folder, out_dir=tmp_path / "b", max_steps=1, progress=False, adv_start=-3)
-    with pytest.raises(ValueError, match="adv_disc_layers=0"):
+    with pytest.raises(ConfigError, match="adv_disc_layers=0"):
         dataclasses.replace(RECIPES["tiny"], adv_disc_layers=0)
-    with pytest.raises(ValueError, match="adv_disc_lr=0"):
+    with pytest.raises(ConfigError, match="adv_disc_lr=0"):
         dataclasses.replace(RECIPES["tiny"], adv_disc_lr=0.0)
     deep = dataclasses.replace(RECIPES["tiny"], adv_weight=1.0, adv_disc_layers=4)  # 48 px patches > 32 px images
     monkeypatch.setitem(RECIPES, "tiny", deep)
