@@ -15,6 +15,10 @@ Reported:
   layout): classes ``"{size} {colour} {shape} {position}"``, ``--samples-per-class`` samples per
   colour+shape pair cycling through its layouts, each judged on colour, shape, size and position;
   ``oracle_plain_*_accuracy`` the same for ``"{colour} {shape}"`` classes (``--plain-classes`` data).
+* ``oracle_unseen_*_accuracy`` / ``unseen_pairs`` (word-composed class conditions only): the same oracle on
+  the colour x shape pairs the training data never drew (ShapesWorld's held-out combinations), their
+  classes composed of known words (``VisualDecoder.with_composed_classes``), ``--samples-per-class`` per
+  pair: how far the decoder's conditions compose beyond the pairs it was trained on.
 * ``train_seconds`` (the optimisation loop) and ``tokenize_seconds`` (one pass of the frozen VQ-VAE).
 * ``speedup_kv_cache``: wall time of a cache-less loop (every scale re-runs the whole prefix with the
   block-causal bias, same weights and sampler) over the KV-cached loop, batch ``--kv-batch``, codes
@@ -145,6 +149,45 @@ def oracle_eval(decoder, vqvae, classes, world, sampling, per_class: int, seed: 
             canvas.paste(im, ((i % per_class) * side, (i // per_class) * side))
         canvas.save(grid)
     return report
+
+
+@torch.no_grad()
+def unseen_eval(decoder, vqvae, classes, world, sampling, per_class: int, seed: int) -> dict:  # noqa: ANN001
+    """Oracle accuracy on the colour x shape pairs the training data never drew (``world.held_out``).
+
+    Only for word-composed class conditions (``class_embed="words"``): each held-out pair gets
+    ``per_class`` classes composed of known words (``VisualDecoder.with_composed_classes``), cycling
+    through the layouts (size, position) of the training classes when those name one, judged on every
+    attribute its class names. Returns ``{}`` for a class-table decoder or a world without held-out pairs.
+    """
+    if decoder.cfg.class_embed != "words" or not world.held_out:
+        return {}
+    attrs = [world.class_attributes(c) for c in classes]
+    layouts = sorted({(a["size"], a["position"]) for a in attrs if {"size", "position"} <= set(a)})
+    names, pairs = [], []
+    for colour, shape in world.held_out:
+        for k in range(per_class):
+            if layouts:  # a stride coprime with most layout counts spreads the samples over sizes and places
+                size, position = layouts[(k * 7) % len(layouts)]
+                names.append(f"{size} {colour} {shape} {position}")
+            else:
+                names.append(f"{colour} {shape}")
+            pairs.append(f"{colour} {shape}")
+    composed, labels = decoder.with_composed_classes(names)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.cat([generate_class_images(composed, vqvae, labels[i:i + 128], sampling=sampling,
+                                              generator=gen).images_B3HW for i in range(0, len(labels), 128)])
+    verdicts = [judge(img, world.class_attributes(name), world)
+                for name, img in zip(names, to_pil(images), strict=True)]
+    per_pair: dict[str, list[bool]] = {}
+    for pair, v in zip(pairs, verdicts, strict=True):
+        per_pair.setdefault(pair, []).append(v["colour+shape"])
+    keys = ("colour+shape", "colour", "shape") + (("size", "position") if layouts else ())
+    return {
+        **{f"oracle_unseen_{k.replace('+', '_')}_accuracy": round(sum(v[k] for v in verdicts) / len(verdicts), 4)
+           for k in keys},
+        "unseen_pairs": {p: round(sum(v) / len(v), 4) for p, v in sorted(per_pair.items())},
+    }
 
 
 @torch.no_grad()
@@ -305,6 +348,7 @@ def main() -> None:
     report |= oracle_eval(decoder, vqvae, classes, load_world(args.data), sampling, args.samples_per_class,
                           args.seed, args.grid)
     report["oracle_eval_seconds"] = round(time.perf_counter() - t0, 2)
+    report |= unseen_eval(decoder, vqvae, classes, load_world(args.data), sampling, args.samples_per_class, args.seed)
     report["oracle_accuracy_tokenizer_reconstructions"] = tokenizer_ceiling(vqvae, args.data, classes,
                                                                              load_world(args.data))
     if args.prefix_forcing:

@@ -18,13 +18,15 @@ VAR / VARGPT checkpoint loads strictly: ``word_embed``, ``class_emb``, ``pos_sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vargpt.config import VisualDecoderConfig, VQVAEConfig
+from vargpt.config import ConfigError, VisualDecoderConfig, VQVAEConfig
 from vargpt.tokenizer.scales import scale_ids, scale_offsets
 from vargpt.visual_decoder.blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from vargpt.visual_decoder.loss import token_weights
@@ -145,6 +147,41 @@ class VisualDecoder(nn.Module):
     def uncond_label(self) -> int:
         """Index of the unconditional row of ``class_emb``."""
         return self.cfg.num_classes
+
+    def with_composed_classes(self, names: Sequence[str]) -> tuple[VisualDecoder, torch.Tensor]:
+        """A copy of this decoder that also knows the classes ``names``, composed of words it already has.
+
+        Only for ``class_embed="words"``: a class is the sum of its words' embeddings, so a combination of
+        known words that no training class had (ShapesWorld's held-out colour x shape pairs, "red star") has
+        a condition too; this makes such classes sampleable by label. The existing labels keep their meaning;
+        the copy has the same weights, device, dtype and train/eval mode.
+
+        Returns:
+            ``(decoder, labels_B)``: the copy and the labels of ``names`` in it.
+
+        Raises:
+            ConfigError: the decoder has a class table (``class_embed="table"``), a name is empty or uses a
+                word no class of this decoder has, or the classes would exceed ``num_classes``.
+        """
+        if self.cfg.class_embed != "words":
+            raise ConfigError("with_composed_classes needs a decoder with class_embed='words' (classes as sums "
+                              f"of word embeddings); this one has class_embed={self.cfg.class_embed!r}")
+        known = {w for name in self.cfg.class_names for w in name.split()}
+        for name in names:
+            unknown = [w for w in name.split() if w not in known]
+            if not name.split() or unknown:
+                raise ConfigError(f"class name {name!r}: " + (f"words {unknown} are in no class of this decoder "
+                                  f"(known: {sorted(known)})" if unknown else "is empty"))
+        all_names = (*self.cfg.class_names, *names)
+        if len(all_names) > self.cfg.num_classes:
+            raise ConfigError(f"{len(self.cfg.class_names)} classes + {len(names)} new exceed num_classes="
+                              f"{self.cfg.num_classes}")
+        ref = next(self.parameters())
+        copy = VisualDecoder(dataclasses.replace(self.cfg, class_names=all_names), self.vq)
+        copy.load_state_dict(self.state_dict(), strict=True)
+        copy = copy.to(device=ref.device, dtype=ref.dtype).train(self.training)
+        labels_B = torch.arange(len(self.cfg.class_names), len(all_names), device=ref.device)
+        return copy, labels_B
 
     def code_loss_weights(self, min_scale_share: float | None = None) -> torch.Tensor:
         """Per-token weights ``(L,)`` of the code cross-entropy under the config's weighting, with every

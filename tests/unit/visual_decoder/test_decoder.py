@@ -299,3 +299,39 @@ def test_word_class_embedding_composes_class_names(tiny):
     torch.testing.assert_close(table.condition(torch.tensor([2])), table.class_emb.weight[2:3])
     with pytest.raises(ConfigError, match="class_embed"):
         VisualDecoderConfig(class_embed="bag")
+
+
+def test_with_composed_classes_samples_unseen_word_combinations(tiny):
+    """``with_composed_classes``: new classes made of known words get the sum of those words' embeddings, old
+    labels keep their conditions and logits, and what cannot be composed is refused with a ConfigError."""
+    from vargpt.config import ConfigError, VisualDecoderConfig
+
+    dc, vq = tiny
+    names = ("small red star left", "large blue circle top", "small blue star top")
+    dec = VisualDecoder(VisualDecoderConfig(**{**dc.__dict__, "class_embed": "words", "class_names": names}), vq)
+    with torch.no_grad():
+        dec.class_word_emb.weight[:-1].normal_()
+    dec.eval()
+    composed, labels = dec.with_composed_classes(["large red circle left", "small blue circle top"])
+    assert labels.tolist() == [3, 4] and composed.cfg.class_names[3:] == ("large red circle left",
+                                                                          "small blue circle top")
+    assert not composed.training and composed is not dec and dec.cfg.class_names == names  # a copy
+    words = sorted({w for n in names for w in n.split()})
+    w = {n: dec.class_word_emb.weight[words.index(n)] for n in words}
+    with torch.no_grad():
+        cond = composed.condition(torch.tensor([0, 1, 2, 3, 4, dec.uncond_label]))
+        torch.testing.assert_close(cond[3], w["large"] + w["red"] + w["circle"] + w["left"])
+        torch.testing.assert_close(cond[4], w["small"] + w["blue"] + w["circle"] + w["top"])
+        torch.testing.assert_close(cond[[0, 1, 2, 5]], dec.condition(torch.tensor([0, 1, 2, dec.uncond_label])))
+        x = torch.randn(2, vq.tokens_total - 1, vq.z_channels)
+        torch.testing.assert_close(composed(torch.tensor([0, 2]), x), dec(torch.tensor([0, 2]), x))
+        assert (composed(torch.tensor([3, 4]), x) - dec(torch.tensor([0, 2]), x)).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="green"):
+        dec.with_composed_classes(["small green star left"])
+    with pytest.raises(ConfigError, match="empty"):
+        dec.with_composed_classes([" "])
+    with pytest.raises(ConfigError, match="num_classes"):
+        dec.with_composed_classes(["small red star left"] * dc.num_classes)
+    with pytest.raises(ConfigError, match="class_embed='words'"):
+        table = VisualDecoderConfig(**{**dc.__dict__, "class_embed": "table", "class_names": names})
+        VisualDecoder(table, vq).with_composed_classes(["small red star top"])
