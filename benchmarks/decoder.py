@@ -158,9 +158,10 @@ def unseen_eval(decoder, vqvae, classes, world, sampling, per_class: int, seed: 
     Only for word-composed class conditions (``class_embed="words"``): each held-out pair gets
     ``per_class`` classes composed of known words (``VisualDecoder.with_composed_classes``), cycling
     through the layouts (size, position) of the training classes when those name one, judged on every
-    attribute its class names. Returns ``{}`` for a class-table decoder or a world without held-out pairs.
+    attribute its class names. Returns ``{}`` for a class-table or unconditional decoder, or a world without
+    held-out pairs.
     """
-    if decoder.cfg.class_embed != "words" or not world.held_out:
+    if decoder.cfg.class_embed != "words" or not classes or not world.held_out:
         return {}
     attrs = [world.class_attributes(c) for c in classes]
     layouts = sorted({(a["size"], a["position"]) for a in attrs if {"size", "position"} <= set(a)})
