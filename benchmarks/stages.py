@@ -22,6 +22,13 @@ Reported (one JSON object on stdout):
   CE with the target images permuted among the prompts of each batch); ``prompt_gap`` is that minus the
   true image CE per stage: 0 means the prompt does not reach the visual decoder.
 * ``steps``, ``trainable_parameters``, ``train_records`` per stage; ``threads``, ``torch`` version.
+* ``generation_by_stage`` (with ``--generation``): the held-out generation of the model after each stage
+  (``stage0`` = the assembled model) at every ``--eval-seeds`` sampling seed: oracle colour+shape, colour and
+  shape, seen and unseen colour x shape pairs (:func:`vargpt.evaluation.run.evaluate_model`, no understanding,
+  no FID; ShapesWorld data). Shows which stage teaches the model to follow the prompt. With ``--existing`` nothing
+  is trained: the run's own ``RUN/stage0`` ... ``RUN/stage3`` are evaluated.
+
+    python benchmarks/stages.py --run runs/tiny --existing --generation --eval-seeds 0,1
 """
 
 from __future__ import annotations
@@ -51,6 +58,25 @@ def ensure_stage0(run: Path, *, preset: str, data: Path | None, seed: int) -> Pa
     return run / "stage0"
 
 
+def stage_generation(model_dir: Path, data: Path, seeds: list[int]) -> dict:
+    """Held-out generation of one stage's model at each sampling seed: per-seed values and their means."""
+    from vargpt.evaluation.run import evaluate_model
+    from vargpt.generation.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model_dir)
+    rows = []
+    for seed in seeds:
+        e = evaluate_model(None, data, pipeline=pipe, seed=seed, max_understanding=0, max_replies=0, report=False)
+        if e["generation_accuracy"] is None:
+            return {"note": "no oracle for this data (ShapesWorld only)"}
+        attrs = e["generation_per_attribute"]
+        rows.append({"colour+shape": e["generation_accuracy"], "colour": attrs["colour"], "shape": attrs["shape"],
+                     "seen": (e["generation_seen"] or {}).get("colour+shape"),
+                     "unseen": (e["generation_unseen"] or {}).get("colour+shape")})
+    mean = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0] if None not in [r[k] for r in rows]}
+    return mean | {"per_seed": rows, "seeds": seeds}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=Path("runs/tiny"), help="recipe run folder (stage0 is the start)")
@@ -60,8 +86,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="steps per stage (default: the stage recipe's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation", action="store_true", help="also evaluate held-out generation after each stage")
+    p.add_argument("--eval-seeds", default="0", help="sampling seeds of --generation, comma-separated")
+    p.add_argument("--existing", action="store_true",
+                   help="train nothing: evaluate the run's own stage folders (needs --generation)")
     a = p.parse_args()
+    if a.existing and not a.generation:
+        p.error("--existing evaluates the run's stages: add --generation")
+    seeds = [int(x) for x in a.eval_seeds.split(",") if x.strip()]
     torch.set_num_threads(a.threads)
+    if a.existing:
+        data = a.data or a.run / "data"
+        missing = [s for s in ("stage0", *STAGES) if not (a.run / s / "model").is_dir()]
+        if missing:
+            p.error(f"--existing: {a.run} has no model in {missing} (run the pipeline first)")
+        print(json.dumps({"run": str(a.run), "data": str(data), "threads": a.threads, "generation_by_stage": {
+            s: stage_generation(a.run / s / "model", data, seeds) for s in ("stage0", *STAGES)}}, indent=2))
+        return
     t_all = time.perf_counter()
     stage0 = ensure_stage0(a.run, preset=a.preset, data=a.data, seed=a.seed)
     data = a.data or a.run / "data"
@@ -77,6 +118,8 @@ def main() -> None:
                             max_steps=a.max_steps, seed=a.seed, progress=False, encoder_cache=cache)
             per[stage] = {**m, "wall_seconds": round(time.perf_counter() - t0, 2)}
             prev = out / stage
+            if a.generation:
+                per[stage]["generation"] = stage_generation(prev / "model", data, seeds)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -99,6 +142,7 @@ def main() -> None:
         "steps": by_stage("steps"),
         "trainable_parameters": by_stage("trainable_parameters"),
         "train_records": by_stage("train_records"),
+        **({"generation_by_stage": {s: per[s]["generation"] for s in STAGES}} if a.generation else {}),
         "total_seconds": round(time.perf_counter() - t_all, 2),
         "torch": torch.__version__,
     }, indent=2))
