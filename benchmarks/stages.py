@@ -23,10 +23,11 @@ Reported (one JSON object on stdout):
   true image CE per stage: 0 means the prompt does not reach the visual decoder.
 * ``steps``, ``trainable_parameters``, ``train_records`` per stage; ``threads``, ``torch`` version.
 * ``generation_by_stage`` (with ``--generation``): the held-out generation of the model after each stage
-  (``stage0`` = the assembled model) at every ``--eval-seeds`` sampling seed: oracle colour+shape, colour and
-  shape, seen and unseen colour x shape pairs (:func:`vargpt.evaluation.run.evaluate_model`, no understanding,
-  no FID; ShapesWorld data). Shows which stage teaches the model to follow the prompt. With ``--existing`` nothing
-  is trained: the run's own ``RUN/stage0`` ... ``RUN/stage3`` are evaluated.
+  (``stage0`` = the assembled model, then stages 1-3) at every ``--eval-seeds`` sampling seed: oracle
+  colour+shape, colour and shape, seen and unseen colour x shape pairs
+  (:func:`vargpt.evaluation.run.evaluate_model`, no understanding, no FID; ShapesWorld data). Shows which
+  stage teaches the model to follow the prompt. With ``--existing`` nothing is trained: the run's own
+  ``RUN/stage0`` ... ``RUN/stage3`` are evaluated.
 
     python benchmarks/stages.py --run runs/tiny --existing --generation --eval-seeds 0,1
 """
@@ -77,6 +78,17 @@ def stage_generation(model_dir: Path, data: Path, seeds: list[int]) -> dict:
     return mean | {"per_seed": rows, "seeds": seeds}
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--eval-seeds``: comma-separated integers, at least one."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed, e.g. 0")
+    return seeds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=Path("runs/tiny"), help="recipe run folder (stage0 is the start)")
@@ -87,13 +99,13 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None, help="steps per stage (default: the stage recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generation", action="store_true", help="also evaluate held-out generation after each stage")
-    p.add_argument("--eval-seeds", default="0", help="sampling seeds of --generation, comma-separated")
+    p.add_argument("--eval-seeds", type=_seed_list, default=[0], help="sampling seeds of --generation, comma-separated")
     p.add_argument("--existing", action="store_true",
                    help="train nothing: evaluate the run's own stage folders (needs --generation)")
     a = p.parse_args()
     if a.existing and not a.generation:
         p.error("--existing evaluates the run's stages: add --generation")
-    seeds = [int(x) for x in a.eval_seeds.split(",") if x.strip()]
+    seeds = a.eval_seeds
     torch.set_num_threads(a.threads)
     if a.existing:
         data = a.data or a.run / "data"
@@ -106,6 +118,7 @@ def main() -> None:
     t_all = time.perf_counter()
     stage0 = ensure_stage0(a.run, preset=a.preset, data=a.data, seed=a.seed)
     data = a.data or a.run / "data"
+    gen0 = stage_generation(stage0 / "model", data, seeds) if a.generation else None
     tmp = None if a.out is not None else Path(tempfile.mkdtemp(prefix="vargpt_stages_"))
     out = a.out or tmp
     try:
@@ -142,7 +155,8 @@ def main() -> None:
         "steps": by_stage("steps"),
         "trainable_parameters": by_stage("trainable_parameters"),
         "train_records": by_stage("train_records"),
-        **({"generation_by_stage": {s: per[s]["generation"] for s in STAGES}} if a.generation else {}),
+        **({"generation_by_stage": {"stage0": gen0} | {s: per[s]["generation"] for s in STAGES}}
+           if a.generation else {}),
         "total_seconds": round(time.perf_counter() - t_all, 2),
         "torch": torch.__version__,
     }, indent=2))
