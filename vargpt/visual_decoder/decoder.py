@@ -173,11 +173,9 @@ class VisualDecoder(nn.Module):
                 raise ConfigError(f"class name {name!r}: " + (f"words {unknown} are in no class of this decoder "
                                   f"(known: {sorted(known)})" if unknown else "is empty"))
         all_names = (*self.cfg.class_names, *names)
-        if len(all_names) > self.cfg.num_classes:
-            raise ConfigError(f"{len(self.cfg.class_names)} classes + {len(names)} new exceed num_classes="
-                              f"{self.cfg.num_classes}")
+        cfg = dataclasses.replace(self.cfg, class_names=all_names)  # the config refuses more than num_classes
         ref = next(self.parameters())
-        copy = VisualDecoder(dataclasses.replace(self.cfg, class_names=all_names), self.vq)
+        copy = VisualDecoder(cfg, self.vq)
         copy.load_state_dict(self.state_dict(), strict=True)
         copy = copy.to(device=ref.device, dtype=ref.dtype).train(self.training)
         labels_B = torch.arange(len(self.cfg.class_names), len(all_names), device=ref.device)
